@@ -1,0 +1,65 @@
+# Contrastive pretraining pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Known-good set (DESIGN.md): torch's regular (CUDA) builds run on CPU-only machines too.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.2
+DEEPSPEED_PIN := deepspeed==0.19.8
+SHARDS_DIR ?= shards
+# With no GPU, DeepSpeed runs on the CPU accelerator with gloo.
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint demo demo-clap shards bench-shards bench-data bench-gpu clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv with the pinned set (torch, torchvision, deepspeed, the project + dev extras)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt $(TORCH_PINS)
+	# deepspeed's build imports torch: without --no-build-isolation it pulls a second torch.
+	$(PIP) install -q -c constraints.txt --no-build-isolation $(DEEPSPEED_PIN)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) check
+	@touch $@
+
+test: install ## run the test suite (CPU only; multi-rank tests use gloo)
+	$(PY) -m pytest -q tests
+
+test-fast: install ## the tests not marked slow
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check pipeline tests
+
+shards: install ## build the embedded shapes and tones sets (train + val) into $(SHARDS_DIR)/
+	$(PY) -m pipeline shards build --source shapes --split train --output $(SHARDS_DIR)/shapes/train
+	$(PY) -m pipeline shards build --source shapes --split val --output $(SHARDS_DIR)/shapes/val
+	$(PY) -m pipeline shards build --source tones --split train --output $(SHARDS_DIR)/tones/train
+	$(PY) -m pipeline shards build --source tones --split val --output $(SHARDS_DIR)/tones/val
+
+demo: install ## train the tiny CLIP on the embedded shapes set with 2 local ranks, evaluate, print results
+	$(PY) -m pipeline demo --config configs/demo-clip.yaml
+
+demo-clap: install ## the same with the tiny CLAP on the embedded tones set
+	$(PY) -m pipeline demo --config configs/demo-clap.yaml
+
+bench-shards: install ## shard building samples/s vs a plain webdataset loop (1 and 2 workers)
+	$(PY) -m pipeline bench shards
+
+bench-data: install ## loader samples/s vs open_clip's webdataset pipeline and the decode ceiling
+	$(PY) -m pipeline bench data
+
+bench-gpu: install ## ViT-B/32 bf16 samples/s, MFU, memory vs open_clip's trainer (needs a GPU)
+	$(PY) -m pipeline bench gpu
+
+clean: ## remove built shards, runs and caches (keeps .venv)
+	rm -rf runs .bench .pytest_cache
+	find $(SHARDS_DIR) -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,0 +1,29 @@
+"""Benchmarks: `python -m pipeline bench shards|data|gpu`. Each prints its figures and the ratio
+against a peer run side by side (never a timed assertion). Each benchmark lives in its own module
+(`bench_shards.py`, `bench_data.py`, `bench_gpu.py`) exposing `add_arguments(parser)` and `run(args)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {
+    "shards": ("pipeline.bench_shards", "shard building vs a plain webdataset ShardWriter loop"),
+    "data": ("pipeline.bench_data", "streaming loader vs open_clip's webdataset pipeline and the decode ceiling"),
+    "gpu": ("pipeline.bench_gpu", "ViT-B/32 bf16 training step throughput and MFU vs open_clip's trainer"),
+}
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu)", description=__doc__)
+    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
+    for name, (module_name, summary) in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        sub = benches.add_parser(name, help=summary, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
