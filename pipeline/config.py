@@ -186,3 +186,185 @@ def dump_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (what `load_config` reads back to an equal config)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Run configuration: the training layer's own sections, and `RunConfig` composing every section.
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: 'adamw' or 'lamb'. Biases, norms, the logit scale/bias and sigma heads get no weight decay."""
+    lr: float = 5e-4
+    """Peak learning rate, reached at the end of the linear warmup."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on the weight matrices."""
+    beta1: float = 0.9
+    """First-moment decay."""
+    beta2: float = 0.98
+    """Second-moment decay (0.98 as in CLIP: steadier at large batch)."""
+    eps: float = 1e-6
+    """Denominator epsilon."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    min_lr_ratio: float = 0.0
+    """The cosine schedule ends at `lr * min_lr_ratio`."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "lamb"):
+            raise ConfigError(f"optim.name must be 'adamw' or 'lamb', got {self.name!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    name: str = "run"
+    """Run name: the run directory is `{output_dir}/{name}`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    steps: int = 1000
+    """Optimizer steps of the whole run (the cosine schedule spans them)."""
+    global_batch_size: int = 256
+    """Samples per optimizer step over all ranks: world_size x micro-batch x accum_steps (data.batch_size, the
+    per-rank micro-batch, is derived from it)."""
+    accum_steps: int = 1
+    """GradCache micro-batches per step; the contrastive batch is the whole global batch either way."""
+    precision: str = "fp32"
+    """'fp32', 'bf16', or 'fp16' (dynamic loss scaling)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    grad_checkpointing: bool = False
+    """Recompute tower activations in backward to save memory."""
+    seed: int = 0
+    """Seeds the model init, the data order and dropout."""
+    log_every: int = 10
+    """Write a metrics.jsonl record every this many steps."""
+    resume: str = "none"
+    """'none' starts fresh, 'auto' continues from the latest checkpoint if there is one, or a checkpoint path."""
+    collective_timeout_s: float = 600.0
+    """A collective that waits longer than this fails the run instead of hanging it (e.g. a dead rank)."""
+    stop_after_steps: int = 0
+    """Stop this invocation after this many steps (a job slot shorter than the run; resume continues it);
+    the schedule still spans train.steps. 0: run to train.steps."""
+    log_sample_keys: bool = False
+    """Append every step's sample keys to `keys_rank{r}.jsonl` in the run directory (an audit of what was read)."""
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.steps <= 0:
+            raise ConfigError(f"train.steps must be positive, got {self.steps}")
+        if self.global_batch_size <= 0:
+            raise ConfigError(f"train.global_batch_size must be positive, got {self.global_batch_size}")
+        if self.accum_steps <= 0:
+            raise ConfigError(f"train.accum_steps must be positive, got {self.accum_steps}")
+        if self.global_batch_size % self.accum_steps:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) is not divisible by train.accum_steps "
+                f"({self.accum_steps})"
+            )
+        if self.stop_after_steps < 0:
+            raise ConfigError(f"train.stop_after_steps must be >= 0, got {self.stop_after_steps}")
+        if self.log_every <= 0:
+            raise ConfigError(f"train.log_every must be positive, got {self.log_every}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train.name must be a non-empty name without '/', got {self.name!r}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError("train.collective_timeout_s must be positive")
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Per-rank micro-batch; ConfigError when the global batch does not split evenly."""
+        per_step = world_size * self.accum_steps
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.global_batch_size}) is not divisible by world size "
+                f"({world_size}) x train.accum_steps ({self.accum_steps})"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Where checkpoints go: a local path or an fsspec URL (s3://bucket/run); empty = `{run_dir}/checkpoints`."""
+    every_steps: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are deleted."""
+    staging_dir: str = ""
+    """Local directory where remote checkpoints are written before upload; empty = `{run_dir}/checkpoint-staging`."""
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on data.val_urls every this many steps (0: only at the end; no data.val_urls: never)."""
+    batch_size: int = 128
+    """Per-rank evaluation batch."""
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size must be positive, got {self.batch_size}")
+
+
+def _define_run_config() -> type:
+    # The component configs live in their modules, which import ConfigError from here; importing
+    # them at the top of this module would be circular, so RunConfig is built on first access.
+    from pipeline.data import DataConfig
+    from pipeline.losses import LossConfig
+    from pipeline.models import ModelConfig
+
+    # typing.get_type_hints resolves the (string) annotations in this module's namespace
+    globals().update(DataConfig=DataConfig, LossConfig=LossConfig, ModelConfig=ModelConfig)
+
+    @dataclasses.dataclass
+    class RunConfig:
+        """Everything one training run reads: a YAML file with these sections, plus overrides."""
+
+        model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+        """Towers: see pipeline.models.ModelConfig."""
+        loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+        """Contrastive loss: see pipeline.losses.LossConfig."""
+        data: DataConfig = dataclasses.field(default_factory=DataConfig)
+        """Streaming loader: see pipeline.data.DataConfig."""
+        optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+        """Optimizer and learning-rate schedule."""
+        train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+        """Steps, batch, precision, ZeRO stage, resume."""
+        checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+        """Where and how often to checkpoint."""
+        eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+        """Held-out evaluation."""
+
+    RunConfig.__module__ = __name__
+    RunConfig.__qualname__ = "RunConfig"
+    return RunConfig
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RunConfig":
+        globals()["RunConfig"] = _define_run_config()
+        return globals()["RunConfig"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

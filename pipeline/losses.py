@@ -1,0 +1,224 @@
+"""Contrastive losses over the global batch: CLIP/CLAP InfoNCE, SigLIP, and the probabilistic loss.
+
+    loss_fn = build_loss(LossConfig(kind="clip"), rank, world_size)
+    loss, metrics = loss_fn(model(media, tokens))
+
+Each rank all-gathers the features of every rank with an autograd-aware gather and computes only
+its own b rows against the W*b gathered columns, in both directions (labels offset by rank*b):
+logits take b x W*b memory per rank, never (W*b)^2.
+
+Gradient scale. DeepSpeed and DDP *average* parameter gradients over ranks, so every per-rank loss
+here is defined so that the AVERAGE over ranks of its value equals the single-process loss L over
+the global batch. The gather's backward sums the gradients that all ranks' losses send to a rank's
+features, so rank r's features receive W * dL/df_r; after the tower's backward and the averaging over
+ranks, every parameter gradient is exactly dL/dtheta. Parameters that enter the loss directly
+(logit scale, bias) receive d loss_r / d theta on rank r, whose average is dL/dtheta too. Tests check
+all of this against one process on the concatenated batch (tests/test_losses.py).
+
+Logits are computed in fp32 whatever the feature dtype (bf16/fp16 features are cast before the gather,
+so the gather's gradient all-reduce is fp32 too). World size 1 never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ConfigError
+
+KINDS = ("clip", "siglip", "probabilistic")
+PROBABILISTIC_FORMS = ("contrastive", "gaussian")
+
+
+@dataclass
+class LossConfig:
+    kind: str = "clip"
+    """"clip" (symmetric InfoNCE, CLAP too), "siglip" (sigmoid, needs model.logit_bias) or
+    "probabilistic" (per-sample sigma, needs model.probabilistic)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of both cross-entropies (clip, probabilistic); 0 disables."""
+    probabilistic_form: str = "contrastive"
+    """"contrastive": logit_ij = -ln sigma_j - ||x_i - mu_j||^2 / sigma_j^2;
+    "gaussian": the exact isotropic Gaussian log-likelihood -D ln sigma_j - ||x_i - mu_j||^2 / (2 sigma_j^2)."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"loss.kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.probabilistic_form not in PROBABILISTIC_FORMS:
+            raise ConfigError(
+                f"loss.probabilistic_form must be one of {list(PROBABILISTIC_FORMS)}, got {self.probabilistic_form!r}"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.kind == "siglip" and self.label_smoothing:
+            raise ConfigError("loss.label_smoothing applies to the clip and probabilistic losses, not siglip")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward: sum every rank's gradient of the gathered tensor, keep our slice."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = rank, local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad_gathered: torch.Tensor):
+        grad = grad_gathered.contiguous().clone()
+        # gloo has no reduce_scatter; an all-reduce of a [W*b, D] feature gradient is small
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return grad[start : start + ctx.rows], None, None
+
+
+def gather_features(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """[b, ...] on each rank -> [W*b, ...] in rank order, differentiable (every rank must pass the same b)."""
+    if world_size == 1:
+        return local
+    return _GatherWithGrad.apply(local, rank, world_size)
+
+
+def _require(outputs: dict, keys: tuple[str, ...], kind: str, hint: str) -> None:
+    missing = [k for k in keys if outputs.get(k) is None]
+    if missing:
+        raise KeyError(f"the {kind} loss needs {missing} in the model outputs ({hint})")
+
+
+class _GlobalBatchLoss(nn.Module):
+    """Shared bookkeeping: rank, world size, the labels of the local rows, the logits shape seen."""
+
+    def __init__(self, cfg: LossConfig, rank: int, world_size: int):
+        super().__init__()
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad rank {rank} for world size {world_size}")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.last_logits_shape: tuple[int, ...] | None = None
+        """Shape of the per-rank logits of the last call: (b, W*b), observable by tests and benches."""
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        return gather_features(local.float(), self.rank, self.world_size)
+
+    def local_labels(self, rows: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(rows, device=device) + self.rank * rows
+
+    @staticmethod
+    def top1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (logits.detach().argmax(dim=1) == labels).float().mean()
+
+
+class ClipLoss(_GlobalBatchLoss):
+    """Symmetric InfoNCE: cross-entropy along rows (media -> text) and columns (text -> media), averaged."""
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        media, text = outputs["media_features"].float(), outputs["text_features"].float()
+        scale = outputs["logit_scale"].float()
+        all_media, all_text = self.gather(media), self.gather(text)
+        # the local rows of both directions: media_i vs every text, text_i vs every media
+        logits_per_media = scale * media @ all_text.T
+        logits_per_text = scale * text @ all_media.T
+        bias = outputs.get("logit_bias")
+        if bias is not None:
+            logits_per_media = logits_per_media + bias.float()
+            logits_per_text = logits_per_text + bias.float()
+        self.last_logits_shape = tuple(logits_per_media.shape)
+        labels = self.local_labels(media.shape[0], media.device)
+        smoothing = self.cfg.label_smoothing
+        loss = (
+            F.cross_entropy(logits_per_media, labels, label_smoothing=smoothing)
+            + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)
+        ) / 2
+        metrics = {
+            "media_to_text_top1": self.top1(logits_per_media, labels),
+            "text_to_media_top1": self.top1(logits_per_text, labels),
+            "logit_scale": scale.detach().reshape(()),
+        }
+        if bias is not None:
+            metrics["logit_bias"] = bias.detach().float().reshape(())
+        return loss, metrics
+
+
+class SigLipLoss(_GlobalBatchLoss):
+    """Sigmoid loss over every (media, text) pair of the global batch, normalised as open_clip's SigLipLoss.
+
+    Rank r sums -log sigmoid(+-logit) over its b media rows against all W*b texts and divides by b;
+    the average over ranks is the single-process sum over (W*b)^2 pairs divided by W*b.
+    """
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _require(outputs, ("logit_bias",), "siglip", "set model.logit_bias=true")
+        media, text = outputs["media_features"].float(), outputs["text_features"].float()
+        scale, bias = outputs["logit_scale"].float(), outputs["logit_bias"].float()
+        all_text = self.gather(text)
+        logits = scale * media @ all_text.T + bias
+        self.last_logits_shape = tuple(logits.shape)
+        rows = media.shape[0]
+        labels = self.local_labels(rows, media.device)
+        signs = -torch.ones_like(logits)
+        signs[torch.arange(rows, device=media.device), labels] = 1.0
+        loss = -F.logsigmoid(signs * logits).sum() / rows
+        with torch.no_grad():  # the other direction only for the accuracy metric
+            all_media = gather_features(media.detach(), self.rank, self.world_size)
+            logits_per_text = scale * text @ all_media.T
+        metrics = {
+            "media_to_text_top1": self.top1(logits, labels),
+            "text_to_media_top1": self.top1(logits_per_text, labels),
+            "logit_scale": scale.detach().reshape(()),
+            "logit_bias": bias.detach().reshape(()),
+        }
+        return loss, metrics
+
+
+class ProbabilisticLoss(_GlobalBatchLoss):
+    """InfoNCE with per-candidate uncertainty: logit_ij = -c ln sigma_j - ||x_i - mu_j||^2 / (k sigma_j^2).
+
+    Query i's mean x_i is scored against every candidate j of the other tower with the candidate's
+    sigma; c = 1, k = 1 for the "contrastive" form, c = D, k = 2 for the exact Gaussian likelihood.
+    Both directions, as in CLIP. The model's logit scale enters through sigma (see models.py).
+    """
+
+    def _logits(self, queries: torch.Tensor, candidates: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        # ||x - mu||^2 expanded so that only a b x W*b matrix is ever formed
+        squared = (
+            queries.pow(2).sum(1, keepdim=True) + candidates.pow(2).sum(1)[None, :] - 2 * queries @ candidates.T
+        ).clamp_min(0.0)
+        if self.cfg.probabilistic_form == "gaussian":
+            dims = queries.shape[1]
+            return -dims * log_sigma[None, :] - squared * torch.exp(-2 * log_sigma)[None, :] / 2
+        return -log_sigma[None, :] - squared * torch.exp(-2 * log_sigma)[None, :]
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _require(outputs, ("media_log_sigma", "text_log_sigma"), "probabilistic", "set model.probabilistic=true")
+        media, text = outputs["media_features"].float(), outputs["text_features"].float()
+        media_log_sigma = outputs["media_log_sigma"].float().reshape(-1)
+        text_log_sigma = outputs["text_log_sigma"].float().reshape(-1)
+        all_media, all_text = self.gather(media), self.gather(text)
+        all_media_log_sigma, all_text_log_sigma = self.gather(media_log_sigma), self.gather(text_log_sigma)
+        logits_per_media = self._logits(media, all_text, all_text_log_sigma)
+        logits_per_text = self._logits(text, all_media, all_media_log_sigma)
+        self.last_logits_shape = tuple(logits_per_media.shape)
+        labels = self.local_labels(media.shape[0], media.device)
+        smoothing = self.cfg.label_smoothing
+        loss = (
+            F.cross_entropy(logits_per_media, labels, label_smoothing=smoothing)
+            + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)
+        ) / 2
+        metrics = {
+            "media_to_text_top1": self.top1(logits_per_media, labels),
+            "text_to_media_top1": self.top1(logits_per_text, labels),
+            "logit_scale": outputs["logit_scale"].detach().float().reshape(()),
+            "media_sigma": media_log_sigma.detach().exp().mean(),
+            "text_sigma": text_log_sigma.detach().exp().mean(),
+        }
+        return loss, metrics
+
+
+def build_loss(cfg: LossConfig, rank: int = 0, world_size: int = 1) -> nn.Module:
+    """`loss_fn(outputs) -> (loss, metrics)`; metrics are detached 0-dim tensors over the local rows."""
+    loss_class = {"clip": ClipLoss, "siglip": SigLipLoss, "probabilistic": ProbabilisticLoss}[cfg.kind]
+    return loss_class(cfg, rank, world_size)

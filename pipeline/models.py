@@ -1,0 +1,434 @@
+"""Towers: open_clip image-text models, our audio tower for CLAP, transforms and tokenizers.
+
+    cfg = ModelConfig(name="tiny-clip")                      # or "ViT-B-32", "tiny-clap" (modality="audio")
+    model = build_model(cfg)
+    outputs = model(media, tokens)                           # the dict every loss takes (docs/ARCHITECTURE.md)
+    preprocess, tokenize = media_transform(cfg, is_train=True), get_tokenizer(cfg)
+
+Image-text models are open_clip's own (any open_clip config name, or ours in pipeline/model_configs/),
+so their weights export to a state dict that `open_clip.create_model_and_transforms` loads. Audio-text
+models pair a log-mel patch transformer with open_clip's text transformer. Plain PyTorch: no deepspeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import _build_text_tower
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transformer import CustomTransformer, LayerNorm, Transformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.audio import AudioConfig, fit_length, log_mel, resample
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODALITIES = ("image", "audio")
+_registered = False
+
+
+def register_open_clip_configs() -> None:
+    """Make open_clip know our image-text configs (tiny-clip, ...) by name; idempotent."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _registered = True
+
+
+def _audio_model_configs() -> dict[str, dict[str, Any]]:
+    """Our audio-text configs: JSON files with `audio_cfg` (open_clip does not register them)."""
+    configs = {}
+    for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):
+        loaded = json.loads(path.read_text())
+        if "audio_cfg" in loaded:
+            configs[path.stem] = loaded
+    return configs
+
+
+def _image_model_config(name: str) -> dict[str, Any] | None:
+    register_open_clip_configs()
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None or "vision_cfg" not in model_cfg:
+        return None
+    return model_cfg
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-clip"
+    """open_clip model name ("ViT-B-32", "ViT-B-16", "ViT-L-14", ...) or one of pipeline/model_configs/
+    ("tiny-clip" for images, "tiny-clap" / "clap-base" for audio)."""
+    modality: str = "image"
+    """"image" (open_clip vision tower) or "audio" (log-mel transformer); must match `name`."""
+    pretrained: str = ""
+    """Local checkpoint file to start from: an open_clip state dict for image models, a
+    ContrastiveModel state dict for audio models; empty for random initialisation."""
+    grad_checkpointing: bool = False
+    """Recompute every transformer block in the backward pass (reentrant checkpointing, ZeRO-3 safe)."""
+    probabilistic: bool = False
+    """Add per-sample log-sigma heads to both towers (the probabilistic loss needs them)."""
+    logit_bias: bool = False
+    """Learnable logit bias (SigLIP), initialised to `init_logit_bias`."""
+    init_logit_bias: float = -10.0
+    """Initial logit bias when `logit_bias` is on (SigLIP paper: -10)."""
+    init_logit_scale: float = math.log(1 / 0.07)
+    """Initial log of the logit scale (inverse temperature); CLIP: ln(1/0.07)."""
+    max_logit_scale: float = 100.0
+    """The exponentiated logit scale is clamped to this in the forward pass."""
+    log_sigma_min: float = -5.0
+    """Lower clamp of the per-sample log sigma (probabilistic); keeps 1/sigma^2 finite in fp32."""
+    log_sigma_max: float = 2.0
+    """Upper clamp of the per-sample log sigma (probabilistic)."""
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    """Log-mel feature settings the audio tower is built for (ignored for image models)."""
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"model.modality must be one of {list(MODALITIES)}, got {self.modality!r}")
+        if self.modality == "audio":
+            known = _audio_model_configs()
+            if self.name not in known:
+                raise ConfigError(
+                    f"model.name {self.name!r} is not an audio model; audio models: {sorted(known)} "
+                    f"(JSON files with audio_cfg in {MODEL_CONFIG_DIR})"
+                )
+            _validate_audio_tower(known[self.name]["audio_cfg"], self.audio, self.name)
+        else:
+            model_cfg = _image_model_config(self.name)
+            if model_cfg is None:
+                hint = " (an audio model: set model.modality=audio)" if self.name in _audio_model_configs() else ""
+                raise ConfigError(
+                    f"model.name {self.name!r} is not an open_clip image-text model{hint}; "
+                    f"see open_clip.list_models() or {MODEL_CONFIG_DIR}"
+                )
+            text_cfg = model_cfg.get("text_cfg", {})
+            if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name") or "siglip" in self.name.lower():
+                raise ConfigError(
+                    f"model.name {self.name!r} needs a Hugging Face download (text tower or tokenizer); "
+                    "pick a model with open_clip's bundled BPE tokenizer (ViT-B-32, ViT-B-16, ViT-L-14, tiny-clip)"
+                )
+        if self.pretrained and not Path(self.pretrained).is_file():
+            raise ConfigError(f"model.pretrained: checkpoint file {self.pretrained!r} does not exist")
+        if not self.max_logit_scale > 0:
+            raise ConfigError(f"model.max_logit_scale must be positive, got {self.max_logit_scale}")
+        if self.init_logit_scale > math.log(self.max_logit_scale):
+            raise ConfigError(
+                f"model.init_logit_scale ({self.init_logit_scale}) exceeds ln(model.max_logit_scale) "
+                f"= {math.log(self.max_logit_scale):.3f}: the clamp would leave the scale without gradient"
+            )
+        if not self.log_sigma_min < self.log_sigma_max:
+            raise ConfigError(
+                f"model.log_sigma_min ({self.log_sigma_min}) must be below model.log_sigma_max ({self.log_sigma_max})"
+            )
+
+
+def _validate_audio_tower(audio_cfg: dict[str, Any], features: AudioConfig, name: str) -> None:
+    patch_mels = audio_cfg["patch_mels"]
+    if features.n_mels % patch_mels:
+        raise ConfigError(
+            f"model.audio.n_mels ({features.n_mels}) must be a multiple of the patch height "
+            f"patch_mels={patch_mels} of audio model {name!r}"
+        )
+    if audio_cfg["width"] % audio_cfg["heads"]:
+        raise ConfigError(f"audio model {name!r}: audio_cfg width must be a multiple of heads")
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    return block(x, attn_mask=attn_mask)
+
+
+def _reentrant_checkpointed_forward(transformer: nn.Module, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """open_clip's Transformer.forward, with each block under *reentrant* checkpointing.
+
+    open_clip checkpoints with use_reentrant=False, which DeepSpeed ZeRO-3 breaks ("recomputed
+    shape" errors: the partitioned parameters are gathered differently on recomputation).
+    """
+    if not transformer.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    for block in transformer.resblocks:
+        if torch.is_grad_enabled():
+            x = checkpoint(_run_block, block, x, attn_mask, use_reentrant=True)
+        else:  # GradCache's feature pass runs without grad: nothing to save or recompute
+            x = block(x, attn_mask=attn_mask)
+    if not transformer.batch_first:
+        x = x.transpose(0, 1)
+    return x
+
+
+def _set_reentrant_checkpointing(module: nn.Module, enable: bool) -> int:
+    """Switch every open_clip transformer stack inside `module`; returns how many were switched."""
+    count = 0
+    for child in module.modules():
+        if isinstance(child, (Transformer, CustomTransformer)):
+            child.grad_checkpointing = False  # never open_clip's own (non-reentrant) path
+            if enable:
+                # an instance attribute shadows the class's forward; the state dict is unchanged
+                child.forward = _BoundCheckpointedForward(child)
+            elif "forward" in child.__dict__:
+                del child.forward
+            count += 1
+    return count
+
+
+class _BoundCheckpointedForward:
+    """Picklable stand-in for a bound method (torch.save(model) and deepcopy keep working)."""
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+
+    def __call__(self, x, attn_mask=None):
+        return _reentrant_checkpointed_forward(self.transformer, x, attn_mask)
+
+
+# ---------------------------------------------------------------- audio tower
+
+
+class AudioTransformer(nn.Module):
+    """Log-mel [B, n_mels, frames] -> patch embedding -> transformer -> mean pool -> projection [B, D]."""
+
+    def __init__(self, embed_dim: int, features: AudioConfig, width: int, layers: int, heads: int,
+                 patch_mels: int, patch_frames: int, mlp_ratio: float = 4.0,
+                 input_mean: float = -6.0, input_std: float = 3.0):
+        super().__init__()
+        self.n_mels, self.num_frames = features.n_mels, features.num_frames
+        self.patch_frames = patch_frames
+        # fixed standardisation, not per clip: loudness is part of what captions describe
+        self.input_mean, self.input_std = input_mean, input_std
+        self.patch_embed = nn.Conv2d(1, width, kernel_size=(patch_mels, patch_frames),
+                                     stride=(patch_mels, patch_frames), bias=False)
+        num_patches = (self.n_mels // patch_mels) * math.ceil(self.num_frames / patch_frames)
+        self.positional_embedding = nn.Parameter(torch.randn(num_patches, width) * width**-0.5)
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio=mlp_ratio)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        if mel.dim() != 3 or mel.shape[1] != self.n_mels or mel.shape[2] != self.num_frames:
+            raise ValueError(
+                f"audio tower expects log-mel [batch, {self.n_mels}, {self.num_frames}] "
+                f"(model.audio settings), got {list(mel.shape)}"
+            )
+        x = (mel.to(self.proj.dtype) - self.input_mean) / self.input_std
+        pad = (-self.num_frames) % self.patch_frames
+        x = F.pad(x, (0, pad))
+        x = self.patch_embed(x.unsqueeze(1)).flatten(2).transpose(1, 2)  # [B, patches, width]
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.transformer(x)
+        return self.ln_post(x.mean(dim=1)) @ self.proj
+
+
+# ---------------------------------------------------------------- the two-tower model
+
+
+class ContrastiveModel(nn.Module):
+    """Media tower + text tower + learnable temperature (and bias, and log-sigma heads).
+
+    For GradCache the trainer calls `encode_media` and `encode_text` separately (per micro-batch,
+    possibly without grad), concatenates each key, and calls `combine` to attach the logit scale
+    and bias, which gives the same dict as `forward` on the whole batch.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.modality == "image":
+            register_open_clip_configs()
+            # nonscalar_logit_scale: DeepSpeed crashes on 0-dim parameters
+            self.clip = open_clip.create_model(
+                cfg.name, pretrained=cfg.pretrained or None, nonscalar_logit_scale=True,
+                init_logit_scale=cfg.init_logit_scale,
+                init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None,
+            )
+            embed_dim = _image_model_config(cfg.name)["embed_dim"]
+        else:
+            spec = _audio_model_configs()[cfg.name]
+            embed_dim = spec["embed_dim"]
+            self.audio = AudioTransformer(embed_dim, cfg.audio, **spec["audio_cfg"])
+            self.text = _build_text_tower(embed_dim, spec["text_cfg"])
+            self.logit_scale = nn.Parameter(torch.full([1], cfg.init_logit_scale))
+            self.logit_bias = nn.Parameter(torch.full([1], cfg.init_logit_bias)) if cfg.logit_bias else None
+        self.embed_dim = embed_dim
+        if cfg.probabilistic:
+            # zero weights: every sample starts at the same sigma, set by the logit scale (see _log_sigma)
+            self.media_log_sigma_head = nn.Linear(embed_dim, 1)
+            self.text_log_sigma_head = nn.Linear(embed_dim, 1)
+            for head in (self.media_log_sigma_head, self.text_log_sigma_head):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        if cfg.modality == "audio" and cfg.pretrained:
+            self.load_state_dict(_read_state_dict(cfg.pretrained))
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    # -- parameters shared by both towers
+
+    @property
+    def _logit_scale_param(self) -> nn.Parameter:
+        return self.clip.logit_scale if self.cfg.modality == "image" else self.logit_scale
+
+    @property
+    def _logit_bias_param(self) -> nn.Parameter | None:
+        owner = self.clip if self.cfg.modality == "image" else self
+        return getattr(owner, "logit_bias", None)
+
+    def _log_logit_scale(self) -> torch.Tensor:
+        # clamping the log is clamping exp(.) to max_logit_scale, with the same gradient
+        return self._logit_scale_param.clamp(max=math.log(self.cfg.max_logit_scale))
+
+    def _log_sigma(self, head: nn.Linear, embedding: torch.Tensor) -> torch.Tensor:
+        # sigma_j = exp(head_j) / sqrt(logit_scale): the learnable temperature stays global, the head
+        # learns how much each sample deviates from it; at init sigma^2 = 1 / logit_scale, so the
+        # logits -||x - mu||^2 / sigma^2 start as CLIP's scaled cosine up to a constant per row.
+        log_sigma = head(embedding).squeeze(-1) - 0.5 * self._log_logit_scale().to(embedding.dtype)
+        return log_sigma.clamp(self.cfg.log_sigma_min, self.cfg.log_sigma_max)
+
+    # -- towers
+
+    def encode_media(self, media: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Images [B, 3, H, W] or log-mel [B, n_mels, frames] -> media_features (and media_log_sigma)."""
+        embedding = self.clip.encode_image(media) if self.cfg.modality == "image" else self.audio(media)
+        part = {"media_features": F.normalize(embedding, dim=-1)}
+        if self.cfg.probabilistic:
+            part["media_log_sigma"] = self._log_sigma(self.media_log_sigma_head, embedding)
+        return part
+
+    def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tokens [B, context] -> text_features (and text_log_sigma)."""
+        embedding = self.clip.encode_text(tokens) if self.cfg.modality == "image" else self.text(tokens)
+        part = {"text_features": F.normalize(embedding, dim=-1)}
+        if self.cfg.probabilistic:
+            part["text_log_sigma"] = self._log_sigma(self.text_log_sigma_head, embedding)
+        return part
+
+    def combine(self, media_part: dict[str, torch.Tensor], text_part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Both towers' outputs + logit_scale (exp'd, clamped, shape [1]) and logit_bias -> the loss input."""
+        outputs = {**media_part, **text_part, "logit_scale": self._log_logit_scale().exp()}
+        bias = self._logit_bias_param
+        if bias is not None:
+            outputs["logit_bias"] = bias
+        return outputs
+
+    def forward(self, media: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.combine(self.encode_media(media), self.encode_text(tokens))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Reentrant checkpointing of every transformer block in both towers."""
+        if self.cfg.modality == "image":
+            unsupported = [type(m).__name__ for m in self.clip.modules()
+                           if type(m).__name__ in ("TimmModel", "HFTextEncoder", "ModifiedResNet")]
+            if enable and unsupported:
+                raise ConfigError(
+                    f"model.grad_checkpointing: {self.cfg.name} has a {unsupported[0]} tower, which we do not "
+                    "checkpoint (only open_clip transformer towers)"
+                )
+        switched = _set_reentrant_checkpointing(self, enable)
+        if enable and switched < 2:
+            raise ConfigError(f"model.grad_checkpointing: found {switched} transformer stacks in {self.cfg.name}, expected 2")
+        self.grad_checkpointing = enable
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict that `open_clip.create_model_and_transforms(name, pretrained=path)` loads after torch.save.
+
+        Drops our log-sigma heads; logit_scale back to open_clip's 0-dim shape; logit_bias kept only
+        where the open_clip config declares one (open_clip's strict loading rejects it otherwise).
+        """
+        if self.cfg.modality != "image":
+            raise ValueError(f"{self.cfg.name} is an audio model: open_clip has no audio tower to load it into")
+        state = {k: v.detach().clone() for k, v in self.clip.state_dict().items()}
+        state["logit_scale"] = state["logit_scale"].reshape(())
+        if "logit_bias" in state:
+            if "init_logit_bias" in _image_model_config(self.cfg.name):
+                state["logit_bias"] = state["logit_bias"].reshape(())
+            else:
+                del state["logit_bias"]
+        return state
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"model.pretrained: {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+def build_model(cfg: ModelConfig) -> ContrastiveModel:
+    """Randomly initialised, or loaded from cfg.pretrained; gradient checkpointing as configured."""
+    model = ContrastiveModel(cfg)
+    zero_dim = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if zero_dim:  # DeepSpeed's ZeRO partitioning crashes on them
+        raise ValueError(f"0-dim parameters in {cfg.name}: {zero_dim}")
+    return model
+
+
+# ---------------------------------------------------------------- transforms and tokenizers
+
+
+def image_size(cfg: ModelConfig) -> int | None:
+    """Side of the square image the vision tower takes (None for audio models)."""
+    if cfg.modality != "image":
+        return None
+    size = _image_model_config(cfg.name)["vision_cfg"]["image_size"]
+    return max(size) if isinstance(size, (list, tuple)) else int(size)
+
+
+def media_transform(cfg: ModelConfig, is_train: bool) -> Callable:
+    """Per-sample preprocessing for the model's media tower.
+
+    image: callable(PIL.Image) -> Tensor[3, H, W]: open_clip's transform for the model (train:
+    random resized crop; eval: resize + centre crop; the model's size, mean and std).
+    audio: callable(waveform float32 mono, sample_rate, generator | None) -> log-mel [n_mels, frames]:
+    resample, crop (random offset from `generator` in training, the start in eval) or pad, log-mel.
+    """
+    if cfg.modality == "image":
+        model_cfg = _image_model_config(cfg.name)
+        preprocess = PreprocessCfg(
+            **{**model_cfg.get("preprocess_cfg", {}), "size": model_cfg["vision_cfg"]["image_size"]}
+        )
+        return image_transform_v2(preprocess, is_train=is_train)
+    return _AudioTransform(cfg.audio, is_train)
+
+
+class _AudioTransform:
+    """A class rather than a closure so data-loader workers can pickle it."""
+
+    def __init__(self, features: AudioConfig, is_train: bool):
+        self.features, self.is_train = features, is_train
+
+    def __call__(self, waveform: np.ndarray, sample_rate: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        if wave.dim() != 1:
+            raise ValueError(f"audio transform expects a mono waveform [samples], got shape {list(wave.shape)}")
+        wave = resample(wave, int(sample_rate), self.features.sample_rate)
+        wave = fit_length(wave, self.features.num_samples, generator if self.is_train else None)
+        return log_mel(wave, self.features)
+
+
+def get_tokenizer(cfg: ModelConfig) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's bundled BPE tokenizer at the text tower's context length: list[str] -> Long[B, context]."""
+    if cfg.modality == "image":
+        register_open_clip_configs()
+        tokenizer = open_clip.get_tokenizer(cfg.name)
+    else:
+        context = _audio_model_configs()[cfg.name]["text_cfg"]["context_length"]
+        tokenizer = open_clip.SimpleTokenizer(context_length=context)
+    if not isinstance(tokenizer, open_clip.SimpleTokenizer):
+        raise ConfigError(f"model.name {cfg.name!r}: tokenizer {type(tokenizer).__name__} needs a download")
+    return tokenizer

@@ -1,0 +1,123 @@
+"""The run's PNG: training loss and evaluation curves from metrics.jsonl.
+
+    plot_run("runs/demo-clip/metrics.jsonl", "runs/demo-clip/curves.png")
+
+Three panels: training loss over steps (raw and an exponential moving average), zero-shot
+top-1/top-5 accuracy, and retrieval R@1 in both directions; each eval panel draws its chance level
+as a dashed line. The trainer refreshes the PNG as it goes, so drawing is quick (a long raw loss
+curve is thinned to at most MAX_POINTS points) and the file is replaced atomically (temp file +
+rename): a viewer never sees a half-written image.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training nodes
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from pipeline.metrics import finite, read_metrics  # noqa: E402
+
+MAX_POINTS = 4000
+SMOOTHING = 0.95
+
+
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Bias-corrected exponential moving average (TensorBoard's smoothing): the first values are not
+    pulled towards zero."""
+    smoothed, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**count))
+    return smoothed
+
+
+def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in records if finite(r.get(key))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _thin(steps: list[float], values: list[float]) -> tuple[list[float], list[float]]:
+    stride = max(1, len(steps) // MAX_POINTS)
+    return steps[::stride], values[::stride]
+
+
+def _eval_panel(axes, records: list[dict], curves: list[tuple[str, str]], chance: list[tuple[str, str]],
+                title: str) -> None:
+    drawn = False
+    for key, label in curves:
+        steps, values = _series(records, key)
+        if steps:
+            axes.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=label)
+            drawn = True
+    for (key, label), style in zip(chance, ("--", ":")):
+        steps, values = _series(records, key)
+        if steps:
+            axes.axhline(100 * values[-1], linestyle=style, color="black", linewidth=1,
+                         label=f"{label} {100 * values[-1]:.1f}%")
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel("%")
+    axes.grid(alpha=0.3)
+    if drawn:
+        axes.set_ylim(0, 102)  # headroom so points at 100% stay visible
+        axes.legend(fontsize=8, loc="best")
+    else:
+        axes.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=axes.transAxes, color="grey")
+
+
+def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw the run's curves into `out_png` (atomically replaced). The title defaults to the run
+    name (the directory holding metrics.jsonl). Returns the PNG path."""
+    metrics_path, out_png = Path(metrics_path), Path(out_png)
+    records = read_metrics(metrics_path)
+    run_name = title or (metrics_path if metrics_path.is_dir() else metrics_path.parent).resolve().name
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+
+    figure = Figure(figsize=(15, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    # one step axis for all panels, so an eval point sits under the loss it followed
+    loss_axes, zero_shot_axes, retrieval_axes = figure.subplots(1, 3, sharex=True)
+    loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    steps, losses = _series(train, "loss")
+    if steps:
+        thin_steps, thin_losses = _thin(steps, losses)
+        loss_axes.plot(thin_steps, thin_losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
+        loss_axes.plot(steps, smooth(losses), color="tab:blue", linewidth=1.8, label=f"smoothed (EMA {SMOOTHING})")
+        loss_axes.legend(fontsize=8, loc="upper right")
+        last = train[-1]
+        loss_axes.set_title(f"training loss (step {last['step']}, {losses[-1]:.3f})")
+    else:
+        loss_axes.set_title("training loss")
+        loss_axes.text(0.5, 0.5, "no training steps yet", ha="center", va="center", transform=loss_axes.transAxes,
+                       color="grey")
+    loss_axes.set_xlabel("step")
+    loss_axes.set_ylabel("contrastive loss")
+    loss_axes.grid(alpha=0.3)
+
+    _eval_panel(zero_shot_axes, evals, [("zero_shot_top1", "top-1"), ("zero_shot_top5", "top-5")],
+                [("chance_zero_shot_top1", "chance top-1"), ("chance_zero_shot_top5", "chance top-5")],
+                "zero-shot classification (held out)")
+    _eval_panel(retrieval_axes, evals, [("media_to_text_R@1", "media->text R@1"), ("text_to_media_R@1", "text->media R@1"),
+                                        ("media_to_text_R@5", "media->text R@5"), ("text_to_media_R@5", "text->media R@5")],
+                [("chance_R@1", "chance R@1"), ("chance_R@5", "chance R@5")], "retrieval (held out)")
+    figure.suptitle(run_name, fontsize=13, fontweight="bold")
+
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.stem}-", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, out_png)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_png

@@ -1,0 +1,904 @@
+"""Build and verify WebDataset tar shards: `python -m pipeline shards build|verify`.
+
+    python -m pipeline shards build --source shapes --split train --output shards/shapes/train
+    python -m pipeline shards build --source folder --input photos/ --resize 256 --output s3://bucket/photos \\
+        --storage-option client_kwargs.endpoint_url=http://127.0.0.1:9000
+    python -m pipeline shards build --source manifest --input pairs.parquet --output shards/pairs --workers 4
+    python -m pipeline shards verify shards/shapes/train s3://bucket/photos/photos-000000.tar
+
+A data set is `{prefix}-{index:06d}.tar` shards, `sizes.json` (shard name -> samples, as open_clip
+reads it), `{prefix}-{index:06d}_stats.json` per shard (img2dataset-like) and `classes.json` for the
+embedded labelled sets.
+
+Determinism: the input is cut into fixed chunks of `samples_per_shard` input items; each chunk is
+built by one worker into one tar (or several, when `max_shard_bytes` cuts it) with fixed member
+metadata, and the parent names the parts in chunk order. So the bytes never depend on the number
+of workers or their timing. Parts are staged on local disk and then moved (local output) or
+uploaded with fsspec `put_file` (remote output), so a remote object always completes, unlike
+webdataset's `ShardWriter(opener=...)` which never closes its stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import posixpath
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from tqdm import tqdm
+
+from pipeline import synthetic
+from pipeline.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
+AUDIO_EXTENSIONS = {"flac": "flac", "wav": "wav"}
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
+MANIFEST_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+SOURCES = ("shapes", "tones", "folder", "manifest")
+# tar member metadata fixed so that the same samples give the same bytes on any machine, at any time
+TAR_MTIME, TAR_MODE, TAR_OWNER = 0, 0o444, "bigdata"
+
+
+class ShardBuildError(RuntimeError):
+    """The build cannot start or go on (bad manifest, unwritable output): the message names the cause."""
+
+
+@dataclass
+class BuildConfig:
+    """Everything `shards build` needs; the CLI flags map one to one onto these fields."""
+
+    source: str
+    """`shapes` or `tones` (embedded, generated), `folder` (media + sidecar captions) or `manifest` (table)."""
+    output: str
+    """Local directory or fsspec URL (s3://bucket/prefix) the shards go to."""
+    split: str = "train"
+    """Embedded sets: `train` or `val` (held out; a different random stream, no shared samples)."""
+    count: int | None = None
+    """Embedded sets: number of samples (default 10000/1000 for shapes train/val, 3000/500 for tones)."""
+    seed: int = 0
+    """Embedded sets: the seed; the same seed gives byte-identical shards."""
+    image_size: int = 64
+    """shapes: image side in pixels (64-224)."""
+    sample_rate: int = 16000
+    """tones: sample rate in Hz (16000-48000)."""
+    input: str | None = None
+    """folder: the directory; manifest: the table's path or URL."""
+    path_column: str = "path"
+    """manifest: column with each sample's media path (local, relative to the manifest, or any fsspec URL)."""
+    caption_column: str = "caption"
+    """manifest: column with the caption."""
+    key_column: str = "key"
+    """manifest: optional column with sample keys; when absent keys are zero-padded row numbers."""
+    format: str | None = None
+    """manifest: csv, tsv, jsonl or parquet; default from the file extension."""
+    prefix: str | None = None
+    """Shard name prefix; default `{source}-{split}` for embedded sets, else the input's name."""
+    samples_per_shard: int | None = None
+    """Input samples per shard (skipped ones leave a shard smaller); default 1000 (tones 500)."""
+    max_shard_bytes: int | None = None
+    """Start a new shard before one would exceed this many bytes (0/None: no limit)."""
+    resize: int = 0
+    """Images: target size of the shorter side (keep_ratio) or of the square (center_crop, border); 0: off."""
+    resize_mode: str = "keep_ratio"
+    """no, keep_ratio, center_crop or border (as in img2dataset); never upscales."""
+    jpeg_quality: int = 95
+    """Quality of re-encoded (resized) JPEG and WebP images."""
+    workers: int = 1
+    """Worker processes; each builds whole shards. The output does not depend on it."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for the output, the manifest and remote media (e.g. S3 endpoint and keys)."""
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ConfigError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        if self.source in ("folder", "manifest") and not self.input:
+            raise ConfigError(f"source '{self.source}' needs input (the {self.source} path)")
+        if self.split not in synthetic.SPLITS:
+            raise ConfigError(f"split must be one of {list(synthetic.SPLITS)}, got {self.split!r}")
+        if self.count is not None and self.count < 0:
+            raise ConfigError(f"count must be >= 0, got {self.count}")
+        if self.samples_per_shard is not None and self.samples_per_shard <= 0:
+            raise ConfigError(f"samples_per_shard must be positive, got {self.samples_per_shard}")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 0:
+            raise ConfigError(f"max_shard_bytes must be >= 0, got {self.max_shard_bytes}")
+        if self.resize < 0:
+            raise ConfigError(f"resize must be >= 0 (0 turns it off), got {self.resize}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"resize_mode must be one of {list(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg_quality must be within 1-100, got {self.jpeg_quality}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.format is not None and self.format not in MANIFEST_FORMATS:
+            raise ConfigError(f"format must be one of {list(MANIFEST_FORMATS)}, got {self.format!r}")
+        if self.prefix is not None and (not self.prefix or "/" in self.prefix or "." in self.prefix):
+            raise ConfigError(f"prefix must be a non-empty name without '/' or '.', got {self.prefix!r}")
+        if self.source == "shapes":
+            synthetic.shapes_sample(self.seed, self.split, 0, self.image_size)  # raises ConfigError if out of range
+        if self.source == "tones" and not synthetic.MIN_SAMPLE_RATE <= self.sample_rate <= synthetic.MAX_SAMPLE_RATE:
+            raise ConfigError(f"sample_rate must be within {synthetic.MIN_SAMPLE_RATE}-{synthetic.MAX_SAMPLE_RATE} Hz")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input sample of a folder or manifest, listed by the parent; read and checked by a worker."""
+
+    key: str
+    media_path: str
+    caption: str | None = None
+    """From the manifest; None for folders (then read from the sidecars)."""
+    caption_path: str | None = None
+    json_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    skip_reason: str | None = None
+    """Set at listing time for problems only the whole list shows (duplicate keys)."""
+
+
+@dataclass
+class Sample:
+    key: str
+    files: dict[str, bytes]
+    """extension -> bytes, e.g. {"jpg": ..., "txt": ..., "json": ...}."""
+
+
+class SkippedSample(Exception):
+    """One bad input sample: skipped, counted under `reason`."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _join(base: str, relative: str) -> str:
+    if _is_url(relative) or os.path.isabs(relative):
+        return relative
+    return posixpath.join(base, relative) if _is_url(base) else os.path.join(base, relative)
+
+
+def _key_from_index(index: int) -> str:
+    return synthetic.sample_key(index)
+
+
+def list_folder(folder: str, storage_options: dict[str, Any]) -> list[SourceItem]:
+    """Media files under `folder` (sorted by path) with their sidecar .txt/.json; keys are zero-padded indices."""
+    fs, root = fsspec.core.url_to_fs(folder, **storage_options)
+    if not fs.isdir(root):
+        raise ShardBuildError(f"input folder '{folder}' does not exist or is not a directory")
+    paths = sorted(fs.find(root))
+    present = set(paths)
+    items, owner_of_stem = [], {}
+    for path in paths:
+        stem, _, ext = path.rpartition(".")
+        ext = ext.lower()
+        if ext not in IMAGE_EXTENSIONS and ext not in AUDIO_EXTENSIONS:
+            continue
+        url = fs.unstrip_protocol(path) if _is_url(folder) else path
+        key = _key_from_index(len(items))
+        caption_path = stem + ".txt" if stem + ".txt" in present else None
+        json_path = stem + ".json" if stem + ".json" in present else None
+        if _is_url(folder):
+            caption_path = caption_path and fs.unstrip_protocol(caption_path)
+            json_path = json_path and fs.unstrip_protocol(json_path)
+        skip = None
+        if stem in owner_of_stem:  # x.jpg and x.png would share one caption: ambiguous, keep the first
+            skip = "duplicate_key"
+        owner_of_stem.setdefault(stem, path)
+        items.append(SourceItem(key, url, None, caption_path, json_path,
+                                {"source_path": os.path.relpath(path, root) if not _is_url(folder) else url}, skip))
+    return items
+
+
+def _manifest_format(path: str, fmt: str | None) -> str:
+    if fmt:
+        return fmt
+    name = path.lower().split("?")[0]
+    for suffix, found in ((".csv", "csv"), (".tsv", "tsv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+                          (".parquet", "parquet")):
+        if name.endswith(suffix):
+            return found
+    raise ShardBuildError(f"cannot tell the format of manifest '{path}' from its extension; pass --format "
+                          f"({', '.join(MANIFEST_FORMATS)})")
+
+
+def read_manifest_rows(path: str, fmt: str | None, storage_options: dict[str, Any]) -> tuple[list[str], list[dict]]:
+    """(column names, rows) of a CSV/TSV/JSONL/Parquet table, local or remote."""
+    fmt = _manifest_format(path, fmt)
+    try:
+        with fsspec.open(path, "rb", **storage_options) as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise ShardBuildError(f"manifest '{path}' does not exist") from None
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet
+
+            table = pyarrow.parquet.read_table(io.BytesIO(raw))
+            return list(table.column_names), table.to_pylist()
+        text = raw.decode("utf-8-sig")
+        if fmt == "jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            if not all(isinstance(row, dict) for row in rows):
+                raise ValueError("every line must be a JSON object")
+            columns = list(dict.fromkeys(column for row in rows for column in row))
+            return columns, rows
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise ShardBuildError(f"manifest '{path}' is not valid {fmt}: {error}") from None
+
+
+def list_manifest(cfg: BuildConfig) -> list[SourceItem]:
+    columns, rows = read_manifest_rows(cfg.input, cfg.format, cfg.storage_options)
+    for role, column in (("path column", cfg.path_column), ("caption column", cfg.caption_column)):
+        if column not in columns:
+            raise ShardBuildError(f"manifest '{cfg.input}' has no {role} '{column}' (columns: {', '.join(columns)}); "
+                                  f"name it with --{role.replace(' ', '-')}")
+    base = posixpath.dirname(cfg.input) if _is_url(cfg.input) else os.path.dirname(os.path.abspath(cfg.input))
+    has_keys = cfg.key_column in columns
+    items, seen = [], set()
+    for row_number, row in enumerate(rows):
+        media = row.get(cfg.path_column)
+        identity = row.get(cfg.key_column) if has_keys else media
+        key = _sanitize_key(str(identity)) if has_keys else _key_from_index(row_number)
+        skip = "duplicate_key" if identity in seen else None
+        seen.add(identity)
+        if not media:
+            skip = skip or "missing_path"
+        extra = {k: v for k, v in row.items() if k not in (cfg.path_column, cfg.caption_column, cfg.key_column)}
+        extra["source_path"] = media
+        caption = row.get(cfg.caption_column)
+        items.append(SourceItem(key, _join(base, str(media)) if media else "", "" if caption is None else caption,
+                                None, None, extra, skip))
+    return items
+
+
+def _sanitize_key(key: str) -> str:
+    # webdataset splits a member name at the first dot: a key must not contain one (nor a path separator)
+    return key.replace(".", "_").replace("/", "_").strip() or "_"
+
+
+def _read_bytes(path: str, storage_options: dict[str, Any]) -> bytes:
+    try:
+        if _is_url(path):
+            with fsspec.open(path, "rb", **storage_options) as handle:
+                return handle.read()
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise SkippedSample("missing_file", path) from None
+    except OSError as error:
+        raise SkippedSample("unreadable_file", f"{path}: {error}") from None
+
+
+def _decode_caption(data: bytes, where: str) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SkippedSample("undecodable_caption", where) from None
+    return text
+
+
+def _clean_caption(caption: Any, where: str) -> str:
+    if isinstance(caption, float) and caption != caption:  # NaN: an empty cell in a parquet/pandas table
+        caption = ""
+    caption = str(caption).strip()
+    if not caption:
+        raise SkippedSample("empty_caption", where)
+    return caption
+
+
+# ---------------------------------------------------------------- media
+
+
+def _resized_size(width: int, height: int, target: int, mode: str) -> tuple[int, int]:
+    """Size before any crop/pad: scaled down so that the constraint holds, never up."""
+    if mode == "border":
+        scale = min(1.0, target / max(width, height))
+    else:
+        scale = min(1.0, target / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_image(data: bytes, ext: str, target: int, mode: str, quality: int) -> tuple[bytes, str]:
+    """Decode (checking it is a valid image), resize as asked; bytes are kept as they are when nothing changes."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        original = image.size
+        new_size = _resized_size(*original, target, mode) if mode != "no" and target > 0 else original
+        if new_size != original and image.format == "JPEG":
+            # decode at a reduced DCT scale (still at least new_size): most of the decode time saved
+            image.draft(image.mode if image.mode in ("RGB", "L") else "RGB", new_size)
+        image.load()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError) for bad data
+        raise SkippedSample("failed_to_decode", str(error)) from None
+    if mode == "no" or target <= 0:
+        return data, ext
+    needs_crop = mode == "center_crop" and new_size[0] != new_size[1]
+    needs_pad = mode == "border" and new_size != (target, target)
+    if new_size == original and not needs_crop and not needs_pad:
+        return data, ext  # already small enough: keep the original bytes
+    try:
+        if image.mode not in ("RGB", "L") and ext == "jpg":
+            image = image.convert("RGB")
+        elif image.mode not in ("RGB", "RGBA", "L", "LA"):
+            image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+        if new_size != image.size:
+            image = image.resize(new_size, Image.BICUBIC, reducing_gap=3.0)
+        if needs_crop:
+            side = min(new_size)
+            left, top = (new_size[0] - side) // 2, (new_size[1] - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        if needs_pad:
+            image = ImageOps.pad(image, (target, target), color=(0, 0, 0) if image.mode != "L" else 0)
+        buffer = io.BytesIO()
+        options = {"quality": quality} if ext in ("jpg", "webp") else {}
+        image.save(buffer, format=PIL_FORMATS[ext], **options)
+    except Exception as error:
+        raise SkippedSample("failed_to_resize", str(error)) from None
+    return buffer.getvalue(), ext
+
+
+def check_audio(data: bytes, ext: str) -> tuple[bytes, str]:
+    """Decode fully (so corrupt files are caught); FLAC bytes are kept, WAV is re-encoded to FLAC."""
+    import soundfile
+
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            waveform = sound.read(dtype="int32" if sound.subtype != "PCM_16" else "int16", always_2d=True)
+            rate, subtype = sound.samplerate, sound.subtype
+    except Exception as error:  # soundfile raises LibsndfileError/RuntimeError for bad data
+        raise SkippedSample("failed_to_decode", str(error)) from None
+    if waveform.shape[0] == 0:
+        raise SkippedSample("failed_to_decode", "audio holds no samples")
+    if ext == "flac":
+        return data, "flac"
+    buffer = io.BytesIO()
+    try:
+        soundfile.write(buffer, waveform, rate, format="FLAC", subtype="PCM_16" if subtype == "PCM_16" else "PCM_24")
+    except Exception as error:
+        raise SkippedSample("failed_to_encode", str(error)) from None
+    return buffer.getvalue(), "flac"
+
+
+def prepare_item(item: SourceItem, cfg: BuildConfig) -> Sample:
+    """Read, check and convert one folder/manifest item; raises SkippedSample for a bad one."""
+    if item.skip_reason:
+        raise SkippedSample(item.skip_reason, item.media_path or item.key)
+    ext = item.media_path.rpartition(".")[2].lower().split("?")[0]
+    if ext not in IMAGE_EXTENSIONS and ext not in AUDIO_EXTENSIONS:
+        raise SkippedSample("unsupported_format", item.media_path)
+    metadata = dict(item.extra)
+    captions = None
+    if item.json_path:
+        try:
+            sidecar = json.loads(_read_bytes(item.json_path, cfg.storage_options))
+        except (ValueError, UnicodeDecodeError):
+            raise SkippedSample("undecodable_metadata", item.json_path) from None
+        if isinstance(sidecar, dict):
+            metadata.update(sidecar)
+            captions = sidecar.get("captions")
+    if item.caption is not None:
+        caption = _clean_caption(item.caption, item.media_path)
+    elif item.caption_path:
+        caption = _clean_caption(_decode_caption(_read_bytes(item.caption_path, cfg.storage_options),
+                                                 item.caption_path), item.caption_path)
+    elif metadata.get("caption") is not None:
+        caption = _clean_caption(metadata["caption"], item.json_path)
+    elif isinstance(captions, list) and captions:
+        caption = _clean_caption(captions[0], item.json_path)
+    else:
+        raise SkippedSample("missing_caption", item.media_path)
+    data = _read_bytes(item.media_path, cfg.storage_options)
+    if ext in IMAGE_EXTENSIONS:
+        media, media_ext = resize_image(data, IMAGE_EXTENSIONS[ext], cfg.resize, cfg.resize_mode, cfg.jpeg_quality)
+    else:
+        media, media_ext = check_audio(data, ext)
+    return Sample(item.key, {media_ext: media, "txt": caption.encode("utf-8"), "json": _json_bytes(metadata)})
+
+
+def _json_bytes(metadata: dict[str, Any]) -> bytes:
+    return json.dumps(metadata, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+
+
+def prepare_synthetic(index: int, cfg: BuildConfig) -> Sample:
+    generated = synthetic.generate(cfg.source, cfg.seed, cfg.split, index, cfg.image_size, cfg.sample_rate)
+    media, ext = generated.media, generated.media_ext
+    if ext in PIL_FORMATS and cfg.resize:
+        media, ext = resize_image(media, ext, cfg.resize, cfg.resize_mode, cfg.jpeg_quality)
+    return Sample(generated.key, {ext: media, "txt": generated.caption.encode("utf-8"),
+                                  "json": _json_bytes(generated.metadata)})
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class ShardPart:
+    """One tar built by a worker in the staging directory, not yet named."""
+
+    staged_path: str
+    samples: int
+    bytes: int
+    stats: dict[str, Any]
+
+
+class _PartWriter:
+    """Writes samples into a tar with fixed member metadata (deterministic bytes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tar = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
+        self.samples = 0
+        self.failed: Counter[str] = Counter()
+        self.start = time.time()
+
+    def write(self, sample: Sample) -> None:
+        for ext in sorted(sample.files):
+            data = sample.files[ext]
+            info = tarfile.TarInfo(f"{sample.key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
+            info.uname = info.gname = TAR_OWNER
+            self.tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def close(self) -> ShardPart:
+        self.tar.close()
+        size = os.path.getsize(self.path)
+        failed = sum(self.failed.values())
+        stats = {
+            "count": self.samples + failed,
+            "successes": self.samples,
+            "failed_to_decode": self.failed.get("failed_to_decode", 0),
+            "failed_to_resize": self.failed.get("failed_to_resize", 0),
+            "failed_to_read": sum(n for r, n in self.failed.items() if r in ("missing_file", "unreadable_file")),
+            "failed_by_reason": dict(sorted(self.failed.items())),
+            "bytes": size,
+            # durations vary from run to run, so they stay out of the (deterministic) shard and go here only
+            "duration": round(time.time() - self.start, 3),
+        }
+        return ShardPart(self.path, self.samples, size, stats)
+
+
+# per-process state of the worker pool: the config and the listed items, sent once per worker
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg: BuildConfig, items: list[SourceItem] | None, staging: str) -> None:
+    _WORKER.update(cfg=cfg, items=items, staging=staging)
+
+
+def _approx_size(sample: Sample) -> int:
+    # each member: a 512-byte header plus data padded to 512 bytes
+    return sum(512 + -(-len(data) // 512) * 512 for data in sample.files.values())
+
+
+def build_chunk(chunk_index: int) -> list[ShardPart]:
+    """Build the shards of input chunk `chunk_index` into the staging directory (runs in a worker)."""
+    cfg: BuildConfig = _WORKER["cfg"]
+    items: list[SourceItem] | None = _WORKER["items"]
+    per_shard = cfg.samples_per_shard
+    total = len(items) if items is not None else cfg.count
+    start, stop = chunk_index * per_shard, min(total, (chunk_index + 1) * per_shard)
+    parts: list[ShardPart] = []
+
+    def new_writer() -> _PartWriter:
+        return _PartWriter(os.path.join(_WORKER["staging"], f"chunk{chunk_index:06d}-part{len(parts):03d}.tar"))
+
+    writer, written_bytes = new_writer(), 0
+    for index in range(start, stop):
+        try:
+            sample = prepare_synthetic(index, cfg) if items is None else prepare_item(items[index], cfg)
+        except SkippedSample as skipped:
+            writer.failed[skipped.reason] += 1
+            logger.warning("skipping sample %s: %s", index if items is None else items[index].media_path, skipped)
+            continue
+        size = _approx_size(sample)
+        if cfg.max_shard_bytes and writer.samples and written_bytes + size + 1024 > cfg.max_shard_bytes:
+            parts.append(writer.close())
+            writer, written_bytes = new_writer(), 0
+        writer.write(sample)
+        written_bytes += size
+    parts.append(writer.close())
+    return parts
+
+
+@dataclass
+class BuildSummary:
+    output: str
+    prefix: str
+    shard_sizes: dict[str, int]
+    inputs: int
+    failed_by_reason: dict[str, int]
+    seconds: float
+
+    @property
+    def samples(self) -> int:
+        return sum(self.shard_sizes.values())
+
+    def describe(self) -> str:
+        skipped = sum(self.failed_by_reason.values())
+        lines = [f"{self.prefix}: {self.samples} samples in {len(self.shard_sizes)} shards -> {self.output} "
+                 f"({self.inputs} inputs, {skipped} skipped, {self.seconds:.1f} s, "
+                 f"{self.inputs / max(self.seconds, 1e-9):.0f} samples/s)"]
+        lines += [f"  skipped {count} x {reason}" for reason, count in sorted(self.failed_by_reason.items())]
+        return "\n".join(lines)
+
+
+class _Output:
+    """The destination (local dir or fsspec URL): checked writable up front; parts are moved or uploaded."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any]):
+        self.url = url
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+        except (ValueError, ImportError) as error:
+            raise ShardBuildError(f"output '{url}' cannot be opened: {error}") from None
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        probe = self.path(".write-probe")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as handle:
+                handle.write(b"ok")
+            self.fs.rm(probe)
+        except Exception as error:  # any backend error means the same thing: we cannot write there
+            raise ShardBuildError(f"output '{url}' is not writable: {error}") from None
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name) if not self.local else os.path.join(self.root, name)
+
+    def staging_dir(self) -> str:
+        # local output: stage beside the shards so that publishing a part is a rename, not a copy
+        return tempfile.mkdtemp(prefix=".staging-", dir=self.root if self.local else None)
+
+    def put(self, local_path: str, name: str) -> None:
+        if self.local:
+            os.replace(local_path, self.path(name))
+        else:
+            self.fs.put_file(local_path, self.path(name))
+            os.remove(local_path)
+
+    def write_text(self, name: str, text: str) -> None:
+        with self.fs.open(self.path(name), "wb") as handle:  # closed here: a remote object really completes
+            handle.write(text.encode("utf-8"))
+
+    def remove_stale(self, prefix: str, keep: set[str]) -> list[str]:
+        """Shards of an earlier, larger build with the same prefix would be mistaken for part of this one."""
+        stale = []
+        for path in self.fs.glob(self.path(f"{prefix}-*")):
+            name = posixpath.basename(path)
+            stem = name[len(prefix) + 1 :].split("_")[0].split(".")[0]
+            if stem.isdigit() and (name.endswith(".tar") or name.endswith("_stats.json")) and name not in keep:
+                self.fs.rm(path)
+                stale.append(name)
+        return stale
+
+
+def default_prefix(cfg: BuildConfig) -> str:
+    if cfg.prefix:
+        return cfg.prefix
+    if cfg.source in synthetic.SOURCES:
+        return f"{cfg.source}-{cfg.split}"
+    name = cfg.input.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+    return _sanitize_key(name).replace("_", "-") or "shards"
+
+
+def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
+    """Build the data set described by `cfg`; returns what was written. Raises ShardBuildError up front
+    when the input or output cannot be used."""
+    started = time.time()
+    cfg = _with_defaults(cfg)
+    output = _Output(cfg.output, cfg.storage_options)  # fail before any work if it cannot be written
+    if cfg.source == "folder":
+        items = list_folder(cfg.input, cfg.storage_options)
+    elif cfg.source == "manifest":
+        items = list_manifest(cfg)
+    else:
+        items = None
+    total = len(items) if items is not None else cfg.count
+    chunks = -(-total // cfg.samples_per_shard)
+    prefix = default_prefix(cfg)
+    staging = output.staging_dir()
+    shard_sizes: dict[str, int] = {}
+    failed: Counter[str] = Counter()
+    bar = tqdm(total=total, desc=f"building {prefix}", unit="sample", disable=not progress, file=sys.stderr)
+    try:
+        if cfg.workers == 1 or chunks <= 1:
+            _init_worker(cfg, items, staging)
+            results = map(build_chunk, range(chunks))
+            pool = None
+        else:
+            # spawn, not fork: the parent may hold torch/threads state that a fork would copy half-way
+            pool = multiprocessing.get_context("spawn").Pool(
+                min(cfg.workers, chunks), initializer=_init_worker, initargs=(cfg, items, staging))
+            results = pool.imap(build_chunk, range(chunks))  # in chunk order, whatever the finishing order
+        for parts in results:
+            for part in parts:
+                bar.update(part.stats["count"])
+                failed.update(part.stats["failed_by_reason"])
+                if part.samples == 0:  # a chunk whose every input failed: counted, but no empty shard
+                    os.remove(part.staged_path)
+                    continue
+                name = f"{prefix}-{len(shard_sizes):06d}.tar"
+                output.put(part.staged_path, name)
+                output.write_text(name.replace(".tar", "_stats.json"),
+                                  json.dumps({"shard": name, **part.stats}, indent=1) + "\n")
+                shard_sizes[name] = part.samples
+        if pool is not None:
+            pool.close()
+            pool.join()
+    except BaseException:
+        if "pool" in locals() and pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    keep = set(shard_sizes) | {n.replace(".tar", "_stats.json") for n in shard_sizes}
+    for name in output.remove_stale(prefix, keep):
+        logger.warning("removed %s left by an earlier build with prefix '%s'", name, prefix)
+    output.write_text("sizes.json", json.dumps(shard_sizes, indent=1) + "\n")
+    if cfg.source in synthetic.SOURCES:
+        output.write_text("classes.json", synthetic.classes_json(cfg.source))
+    return BuildSummary(cfg.output, prefix, shard_sizes, total, dict(sorted(failed.items())), time.time() - started)
+
+
+def _with_defaults(cfg: BuildConfig) -> BuildConfig:
+    from dataclasses import replace
+
+    updates = {}
+    if cfg.samples_per_shard is None:
+        updates["samples_per_shard"] = synthetic.DEFAULT_SAMPLES_PER_SHARD.get(cfg.source, 1000)
+    if cfg.count is None and cfg.source in synthetic.SOURCES:
+        updates["count"] = synthetic.DEFAULT_COUNTS[(cfg.source, cfg.split)]
+    return replace(cfg, **updates) if updates else cfg
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _count_tar_samples(handle) -> tuple[int, list[str]]:
+    """Samples (distinct keys) in a tar stream, reading every member so truncation is caught."""
+    keys, problems, media, captions = [], [], set(), set()
+    with tarfile.open(fileobj=handle, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            reader = tar.extractfile(member)
+            data = reader.read() if reader else b""
+            if len(data) != member.size:
+                raise tarfile.ReadError(f"member {member.name} is truncated")
+            base = posixpath.basename(member.name)
+            key, _, ext = base.partition(".")
+            if not keys or keys[-1] != key:
+                keys.append(key)
+            if ext in IMAGE_EXTENSIONS or ext in AUDIO_EXTENSIONS:
+                media.add(key)
+            if ext == "txt":
+                captions.add(key)
+    if len(set(keys)) != len(keys):
+        problems.append("samples of one key are not contiguous or a key repeats")
+    for key in keys:
+        if key not in media:
+            problems.append(f"sample {key} has no image/audio member")
+        elif key not in captions:
+            problems.append(f"sample {key} has no .txt caption")
+    return len(keys), problems[:10]
+
+
+def verify(urls: list[str], storage_options: dict[str, Any] | None = None, progress: bool = True) -> VerifyReport:
+    """Check data set directories or shard URLs: tars readable, per-shard counts equal sizes.json."""
+    import braceexpand
+
+    storage_options = storage_options or {}
+    report = VerifyReport()
+    # (shard url, expected count or None, where the expectation comes from)
+    targets: list[tuple[str, int | None]] = []
+    for pattern in urls:
+        for url in braceexpand.braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(url, **storage_options)
+            remote = _is_url(url)
+            if path.endswith(".tar"):
+                if not fs.exists(path):
+                    report.problems.append(f"{url}: does not exist")
+                    continue
+                sizes = _read_sizes(fs, posixpath.dirname(path) if remote else os.path.dirname(path), report, quiet=True)
+                targets.append((url, sizes.get(posixpath.basename(path)) if sizes else None))
+                continue
+            if not fs.isdir(path):
+                report.problems.append(f"{url}: neither a .tar shard nor a data set directory")
+                continue
+            sizes = _read_sizes(fs, path, report, quiet=False) or {}
+            present = {posixpath.basename(p) for p in fs.glob(posixpath.join(path, "*.tar"))}
+            for name in sorted(present - set(sizes)):
+                report.problems.append(f"{url}: shard {name} is not listed in sizes.json")
+            for name, expected in sizes.items():
+                if name not in present:
+                    report.problems.append(f"{url}: shard {name} listed in sizes.json is missing")
+                    continue
+                joined = posixpath.join(url.rstrip("/"), name) if remote else os.path.join(path, name)
+                targets.append((joined, expected))
+    for url, expected in tqdm(targets, desc="verifying", unit="shard", disable=not progress, file=sys.stderr):
+        report.shards += 1
+        try:
+            with fsspec.open(url, "rb", **storage_options) as handle:
+                count, problems = _count_tar_samples(handle)
+        except (tarfile.TarError, OSError, EOFError) as error:
+            report.problems.append(f"{url}: unreadable tar ({error})")
+            continue
+        report.samples += count
+        report.problems += [f"{url}: {p}" for p in problems]
+        if expected is not None and count != expected:
+            report.problems.append(f"{url}: holds {count} samples but sizes.json says {expected}")
+    return report
+
+
+def _read_sizes(fs, directory: str, report: VerifyReport, quiet: bool) -> dict[str, int] | None:
+    path = posixpath.join(directory, "sizes.json")
+    try:
+        with fs.open(path, "rb") as handle:
+            sizes = json.loads(handle.read())
+    except FileNotFoundError:
+        if not quiet:
+            report.problems.append(f"{directory}: no sizes.json")
+        return None
+    except ValueError as error:
+        report.problems.append(f"{path}: not valid JSON ({error})")
+        return None
+    if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
+        report.problems.append(f"{path}: must map shard names to sample counts")
+        return None
+    return sizes
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
+    """["client_kwargs.endpoint_url=http://...", "anon=true"] -> nested dict (dots make sub-dicts)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--storage-option '{pair}' is not of the form KEY=VALUE")
+        key, value = pair.split("=", 1)
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        node = options
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parsed
+    return options
+
+
+def _add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec option for remote paths, repeatable; dots nest, e.g. "
+                             "client_kwargs.endpoint_url=http://127.0.0.1:9000, key=..., secret=..., anon=true")
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("shards", help="build or verify WebDataset tar shards", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="shards_command", metavar="{build,verify}")
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+    build = commands.add_parser(
+        "build", help="build shards from an embedded set, a folder or a manifest",
+        description="Build WebDataset shards ({prefix}-{index:06d}.tar, sizes.json, *_stats.json, classes.json). "
+                    "Bad samples (corrupt or missing media, empty captions, duplicate keys) are skipped and "
+                    "counted; a missing manifest column or an unwritable output stops the build at once.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    build.add_argument("--source", choices=SOURCES, required=True,
+                       help="shapes/tones: the embedded generated sets; folder: media files with sidecar .txt/.json "
+                            "captions; manifest: a table with a path and a caption column")
+    build.add_argument("--output", required=True, help="local directory or fsspec URL (s3://bucket/prefix)")
+    build.add_argument("--split", choices=synthetic.SPLITS, default="train",
+                       help="embedded sets: train, or val (held out: a different random stream)")
+    build.add_argument("--count", type=int, default=None,
+                       help="embedded sets: samples to generate (default: shapes 10000/1000, tones 3000/500 for "
+                            "train/val)")
+    build.add_argument("--seed", type=int, default=0, help="embedded sets: seed; same seed, same bytes")
+    build.add_argument("--image-size", type=int, default=64, help="shapes: image side in pixels (64-224)")
+    build.add_argument("--sample-rate", type=int, default=16000, help="tones: sample rate in Hz (16000-48000)")
+    build.add_argument("--input", default=None,
+                       help="folder: the directory (images jpg/png/webp or audio flac/wav, sidecar .txt and/or "
+                            ".json with 'caption' or 'captions'); manifest: the table's path or URL")
+    build.add_argument("--path-column", default="path",
+                       help="manifest: column of media paths (local, relative to the manifest, or fsspec URLs)")
+    build.add_argument("--caption-column", default="caption", help="manifest: column of captions")
+    build.add_argument("--key-column", default="key",
+                       help="manifest: column of sample keys, used when present (dots become '_'); "
+                            "otherwise keys are zero-padded row numbers. Other columns go into each .json")
+    build.add_argument("--format", choices=MANIFEST_FORMATS, default=None,
+                       help="manifest format (default: from the extension)")
+    build.add_argument("--prefix", default=None,
+                       help="shard name prefix (default: SOURCE-SPLIT for embedded sets, else the input's name)")
+    build.add_argument("--samples-per-shard", type=int, default=None,
+                       help="input samples per shard (default 1000, tones 500); skipped ones leave it smaller")
+    build.add_argument("--max-shard-bytes", type=int, default=0,
+                       help="start a new shard before one would exceed this many bytes (0: no limit)")
+    build.add_argument("--resize", type=int, default=0,
+                       help="images: target size in pixels of the shorter side (keep_ratio) or of the square "
+                            "(center_crop, border); never upscales; 0: keep images as they are")
+    build.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
+                       help="no: keep; keep_ratio: shorter side to --resize; center_crop: then crop the centre "
+                            "square; border: longer side to --resize, then pad to a square")
+    build.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEG/WebP images")
+    build.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                       help="worker processes, each building whole shards; the output is the same for any number")
+    _add_storage_option(build)
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_run_build)
+
+    check = commands.add_parser(
+        "verify", help="check shards: tars readable, counts equal sizes.json",
+        description="Check data set directories or shard URLs (local or fsspec, brace patterns allowed): every "
+                    "tar readable to the end, every sample has media and a caption, per-shard counts equal "
+                    "sizes.json. Lists the problems; exits 1 when there is any.")
+    check.add_argument("urls", nargs="+", metavar="URL", help="data set directory or shard (.tar) URL")
+    _add_storage_option(check)
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
+    check.set_defaults(func=_run_verify)
+
+
+def _run_build(args) -> int:
+    try:
+        cfg = BuildConfig(
+            source=args.source, output=args.output, split=args.split, count=args.count, seed=args.seed,
+            image_size=args.image_size, sample_rate=args.sample_rate, input=args.input,
+            path_column=args.path_column, caption_column=args.caption_column, key_column=args.key_column,
+            format=args.format, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes or None, resize=args.resize, resize_mode=args.resize_mode,
+            jpeg_quality=args.jpeg_quality, workers=args.workers,
+            storage_options=parse_storage_options(args.storage_option),
+        )
+        summary = build_shards(cfg, progress=not args.quiet)
+    except (ConfigError, ShardBuildError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    return 0
+
+
+def _run_verify(args) -> int:
+    try:
+        report = verify(args.urls, parse_storage_options(args.storage_option), progress=not args.quiet)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(f"{report.shards} shards, {report.samples} samples, {len(report.problems)} problems")
+    return 1 if report.problems else 0

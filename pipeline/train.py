@@ -1,0 +1,517 @@
+"""Training: one DeepSpeed engine over both towers, GradCache accumulation, exact resume; and `demo`.
+
+    python -m pipeline train --config configs/demo-clip.yaml                        # one process (CPU or GPU)
+    deepspeed --num_gpus 2 --no_local_rank --module pipeline train --config configs/demo-clip.yaml  # 2 local ranks
+    torchrun --nproc_per_node 2 -m pipeline train --config configs/vit-b-32.yaml train.zero_stage=2
+    python -m pipeline demo --config configs/demo-clip.yaml                          # shards + 2 ranks + results
+
+The loop, top to bottom: validate the config (before any work), join the process group, build the
+model, optimizer, schedule and engine, the loaders and the loss, restore the latest checkpoint when
+resuming, then per step: take `accum_steps` micro-batches, compute the gradient of the contrastive
+loss over all of them (GradCache), step, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import distributed
+from pipeline.config import ConfigError, OptimConfig, dump_config, load_config, to_dict
+
+log = logging.getLogger(__name__)
+
+# outputs of the model that are one value for the whole batch rather than one row per sample
+SHARED_OUTPUTS = ("logit_scale", "logit_bias")
+# parameters exempt from weight decay, besides every 0/1-dim tensor (biases, norm gains)
+NO_DECAY_NAMES = ("bias", "norm", "ln_", "logit_scale", "logit_bias", "sigma")
+
+
+# -- optimizer and schedule ------------------------------------------------------------------------
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices only: decaying biases, norms or the temperature hurts CLIP."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or any(part in name for part in NO_DECAY_NAMES):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019): Adam's update rescaled per tensor by ||w|| / ||update|| (trust ratio),
+    which keeps very large batches stable. Plain torch, so it runs on every accelerator and under ZeRO."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                grad = parameter.grad.float()
+                state = self.state[parameter]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                state["step"] += 1
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                mean = exp_avg / (1 - beta1 ** state["step"])
+                variance = exp_avg_sq / (1 - beta2 ** state["step"])
+                update = mean / (variance.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(parameter.float(), alpha=group["weight_decay"])
+                weight_norm, update_norm = parameter.float().norm(), update.norm()
+                trust = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+                parameter.add_((update * trust).to(parameter.dtype), alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.name == "lamb":
+        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to 1, then cosine down to `min_lr_ratio` at `total_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+# -- one optimizer step ----------------------------------------------------------------------------
+def _rng_snapshot() -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _rng_restore(snapshot: tuple) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state_all(snapshot[1])
+
+
+def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch.media.to(device=device, dtype=media_dtype), batch.tokens.to(device)
+
+
+def _metric_values(metrics: dict[str, Any]) -> dict[str, float]:
+    values = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            values[key] = float(value.detach().float())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key] = float(value)
+    return values
+
+
+def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype):
+    """Gradients of the contrastive loss over all `micro_batches` of every rank, left in the engine
+    (reduced across ranks: the last backward is DeepSpeed's accumulation boundary). The caller then
+    calls `engine.step()` once more to apply them. Returns (loss tensor, loss metrics).
+
+    One micro-batch: a plain forward/backward. Several (GradCache): forward each without grad and
+    keep only its outputs, compute the loss over all of them, take its gradient with respect to those
+    outputs, then forward each micro-batch again with grad (same dropout: the RNG is replayed) and
+    back-propagate the cached output gradients through it. The gradient is exactly that of one
+    batch `len(micro_batches)` times larger, and so is the contrastive batch.
+    """
+    if len(micro_batches) == 1:
+        outputs = engine(*_to_device(micro_batches[0], device, media_dtype))
+        loss, metrics = loss_fn(outputs)
+        engine.backward(loss)
+        return loss.detach(), metrics
+
+    # 1. outputs of every micro-batch, without activations
+    cached, rng_before = [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            rng_before.append(_rng_snapshot())
+            outputs = engine(*_to_device(batch, device, media_dtype))
+            # fp32 leaves: the loss is computed in fp32, and fp16 output gradients could underflow
+            cached.append({k: v.detach().float().requires_grad_() for k, v in outputs.items()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point()})
+    rng_after = _rng_snapshot()
+
+    # 2. the loss over the whole accumulated batch, and its gradient w.r.t. the cached outputs
+    combined = {
+        key: cached[0][key] if key in SHARED_OUTPUTS else torch.cat([part[key] for part in cached])
+        for key in cached[0]
+    }
+    loss, metrics = loss_fn(combined)
+    loss.backward()
+    output_grads = [{k: v.grad for k, v in part.items() if v.grad is not None} for part in cached]
+
+    # 3. replay each micro-batch with grad and push the output gradients through it
+    for index, batch in enumerate(micro_batches):
+        _rng_restore(rng_before[index])
+        outputs = engine(*_to_device(batch, device, media_dtype))
+        surrogate = sum((outputs[key].float() * grad).sum() for key, grad in output_grads[index].items())
+        # the cached gradient already is the gradient of the whole batch's loss: no 1/accum scaling
+        engine.backward(surrogate, scale_wrt_gas=False)
+        if index < len(micro_batches) - 1:
+            engine.step()  # advances DeepSpeed's micro-step; no optimizer step before the boundary
+    _rng_restore(rng_after)
+    return loss.detach(), metrics
+
+
+# -- throughput -------------------------------------------------------------------------------------
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def flops_per_sample(model: torch.nn.Module, media_positions: int, text_positions: int, accum_steps: int) -> float:
+    """Approximate training FLOPs per sample: 2 x params x positions per forward per tower, x3 for
+    forward + backward, plus one more forward with GradCache."""
+    media_params = text_params = 0
+    for name, parameter in model.named_parameters():
+        if "token_embedding" in name or "positional" in name:
+            continue  # lookups, not matrix products
+        if "visual" in name or "audio" in name:
+            media_params += parameter.numel()
+        else:
+            text_params += parameter.numel()
+    forward = 2 * (media_params * media_positions + text_params * text_positions)
+    return forward * (3 + (1 if accum_steps > 1 else 0))
+
+
+def peak_flops(precision: str) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12 / (1 if precision in ("bf16", "fp16") else 2)
+    return None
+
+
+# -- the run --------------------------------------------------------------------------------------
+def validate(cfg, world_size: int) -> int:
+    """Everything that can be checked before any work; returns the per-rank micro-batch."""
+    from pipeline.data import read_shard_sizes
+
+    micro = cfg.train.micro_batch_size(world_size)
+    for key in ("train_urls", "val_urls"):
+        urls = getattr(cfg.data, key)
+        if not urls:
+            if key == "train_urls":
+                raise ConfigError("data.train_urls is empty: set it to the training shards")
+            continue
+        try:
+            sizes = read_shard_sizes(urls, cfg.data.storage_options)
+        except Exception as error:  # whatever the storage says, name the setting that points there
+            raise ConfigError(f"data.{key} '{urls}' cannot be read: {error}") from None
+        if not sizes:
+            raise ConfigError(f"data.{key} '{urls}' holds no shards")
+    if cfg.train.resume not in ("none", "auto") and not cfg.train.resume.strip():
+        raise ConfigError("train.resume must be 'none', 'auto' or a checkpoint path")
+    from pipeline.checkpoint import check_reachable
+
+    check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"))
+    return micro
+
+
+def run_dir_of(cfg) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.name
+
+
+def _batches_forever(loader) -> Iterator:
+    while True:  # the loader moves itself to the next epoch when one ends
+        yield from loader
+
+
+def _append_keys(path: Path, step: int, keys: list[str]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+
+def _truncate_keys(path: Path, step: int) -> None:
+    """A killed run may have logged keys past its last checkpoint; they are read again after resume."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut short by the kill
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg) -> dict[str, Any]:
+    """Run (or continue) training as configured; every rank calls it. Returns the last eval metrics."""
+    from pipeline.checkpoint import CheckpointManager, rng_state, set_rng_state
+    from pipeline.data import build_loader
+    from pipeline.evaluate import evaluate, read_classes
+    from pipeline.losses import build_loss
+    from pipeline.metrics import MetricsLogger
+    from pipeline.models import build_model, get_tokenizer, image_size, media_transform
+    from pipeline.plots import plot_run
+
+    world_size = int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
+    micro = validate(cfg, world_size)  # before the process group, the model or any data is touched
+    dist = distributed.init_distributed(cfg.train.collective_timeout_s)
+    if dist.world_size != world_size:
+        raise RuntimeError(f"the launcher announced {world_size} ranks but the process group has {dist.world_size}")
+    rank, device = dist.rank, dist.device
+    run_dir = run_dir_of(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+
+    # model, optimizer, schedule, engine; the same init on every rank
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.steps)
+    )
+    ds_config = distributed.deepspeed_config(
+        micro_batch_size=micro, accum_steps=cfg.train.accum_steps, world_size=dist.world_size,
+        zero_stage=cfg.train.zero_stage, precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip,
+        log_every=cfg.train.log_every,
+    )
+    engine = distributed.build_engine(model, optimizer, scheduler, ds_config)
+    media_dtype = distributed.model_dtype(cfg.train.precision)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank its own dropout stream
+
+    # data and loss
+    data_cfg = dataclasses.replace(cfg.data, batch_size=micro)
+    tokenizer = get_tokenizer(cfg.model)
+    loader = build_loader(
+        data_cfg, data_cfg.train_urls, rank=rank, world_size=dist.world_size, seed=cfg.train.seed,
+        media_transform=media_transform(cfg.model, True), tokenizer=tokenizer, train=True,
+        image_size=image_size(cfg.model),
+    )
+    eval_loader = classes = None
+    if data_cfg.val_urls:
+        eval_loader = build_loader(
+            dataclasses.replace(data_cfg, batch_size=cfg.eval.batch_size), data_cfg.val_urls, rank=rank,
+            world_size=dist.world_size, seed=cfg.train.seed, media_transform=media_transform(cfg.model, False),
+            tokenizer=tokenizer, train=False, image_size=image_size(cfg.model),
+        )
+        classes = read_classes(data_cfg.val_urls, data_cfg.storage_options)
+    loss_fn = build_loss(cfg.loss, rank, dist.world_size)
+
+    # resume
+    checkpoints = CheckpointManager(cfg.checkpoint, run_dir, rank, dist.world_size)
+    step, samples_seen = 0, 0
+    source = checkpoints.resolve(cfg.train.resume)
+    if source is not None:
+        state = checkpoints.load(engine, source)
+        step, samples_seen = state["step"], state["samples_seen"]
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        if dist.is_main:
+            print(f"resumed from {source} at step {step} ({samples_seen} samples seen)", flush=True)
+    keys_path = run_dir / f"keys_rank{rank}.jsonl"
+    if cfg.train.log_sample_keys and source is not None:
+        _truncate_keys(keys_path, step)
+    elif cfg.train.log_sample_keys:
+        keys_path.unlink(missing_ok=True)
+    metrics_log = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=step if source is not None else None)
+    plot_path = run_dir / "curves.png"
+
+    def run_eval() -> dict[str, float]:
+        if eval_loader is None:
+            return {}
+        results = evaluate(engine.module, eval_loader, tokenizer=tokenizer, classes_json=classes, device=device,
+                           rank=rank, world_size=dist.world_size)
+        metrics_log.log({"kind": "eval", "step": step, **results})
+        if dist.is_main:
+            plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
+        return results
+
+    def save() -> None:
+        checkpoints.save(engine, step, {
+            "step": step, "samples_seen": samples_seen, "loader": loader.state_dict(), "rng": rng_state(),
+            "world_size": dist.world_size, "config": to_dict(cfg),
+        })
+
+    flops = flops_per_sample(
+        engine.module, media_positions=_media_positions(cfg.model), text_positions=tokenizer.context_length,
+        accum_steps=cfg.train.accum_steps,
+    ) if torch.cuda.is_available() else None
+    peak = peak_flops(cfg.train.precision)
+    stop_at = cfg.train.steps if not cfg.train.stop_after_steps else min(cfg.train.steps, step + cfg.train.stop_after_steps)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
+    batches = _batches_forever(loader)
+    last_eval: dict[str, float] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    engine.train()
+    while step < stop_at:
+        micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
+        if cfg.train.log_sample_keys:
+            _append_keys(keys_path, step + 1, [key for batch in micro_batches for key in batch.keys])
+        loss, loss_metrics = backward_step(engine, loss_fn, micro_batches, device, media_dtype)
+        engine.step()
+        step += 1
+        samples_seen += cfg.train.global_batch_size
+        window_samples += cfg.train.global_batch_size
+        # the mean over ranks of each rank's local rows is the loss of the global batch
+        global_loss = loss.float().clone()
+        torch.distributed.all_reduce(global_loss)
+        global_loss = float(global_loss) / dist.world_size
+        if not math.isfinite(global_loss) and cfg.train.precision != "fp16":
+            raise FloatingPointError(f"loss is {global_loss} at step {step}: lower optim.lr or check the data")
+        if step % cfg.train.log_every == 0 or step == stop_at:
+            step_metrics = _metric_values(loss_metrics)
+            elapsed = time.perf_counter() - window_start
+            samples_per_s = window_samples / max(elapsed, 1e-9)
+            record = {
+                "step": step, "epoch": loader.epoch + loader.batches_consumed / max(len(loader), 1),
+                "samples_seen": samples_seen, "loss": global_loss, "lr": scheduler.get_last_lr()[0],
+                "logit_scale": step_metrics.get("logit_scale", float("nan")), "samples_per_s": samples_per_s, "samples_per_s_per_gpu": samples_per_s / dist.world_size,
+                **{f"loss/{k}": v for k, v in step_metrics.items() if k != "logit_scale"},
+            }
+            if flops and peak:
+                record["mfu"] = flops * samples_per_s / dist.world_size / peak
+            metrics_log.log(record)
+            bar.set_postfix(loss=f"{global_loss:.4f}", samples_s=f"{samples_per_s:.1f}")
+            window_start, window_samples = time.perf_counter(), 0
+            if dist.is_main and step % (10 * cfg.train.log_every) == 0:
+                plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
+        bar.update(1)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
+            last_eval = run_eval()
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < stop_at:
+            save()
+    bar.close()
+    if step >= cfg.train.steps:
+        last_eval = run_eval()
+    save()
+    if dist.is_main:
+        if (run_dir / "metrics.jsonl").is_file():
+            plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
+        stats = dict(loader.stats)
+        if any(stats.values()):
+            print(f"data: {stats}", flush=True)
+    metrics_log.close()
+    distributed.barrier()
+    return last_eval
+
+
+def _media_positions(model_cfg) -> int:
+    """Tokens the media tower attends over (patches + class token), for the FLOP estimate."""
+    from pipeline.models import _image_model_config
+
+    if model_cfg.modality != "image":
+        return model_cfg.audio.num_frames
+    vision = _image_model_config(model_cfg.name)["vision_cfg"]
+    size = vision["image_size"] if isinstance(vision["image_size"], int) else max(vision["image_size"])
+    return (size // vision.get("patch_size", 16)) ** 2 + 1
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def load_run_config(path: str | None, overrides: list[str]):
+    from pipeline.config import RunConfig
+
+    return load_config(RunConfig, path, overrides)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def ensure_embedded_shards(cfg) -> None:
+    """Build the embedded data set a demo config points at (shards/<set>/<split>) if it is missing."""
+    from pipeline.shards import BuildConfig, build_shards
+
+    for urls, split in ((cfg.data.train_urls, "train"), (cfg.data.val_urls, "val")):
+        directory = Path(urls)
+        if not urls or (directory / "sizes.json").is_file():
+            continue
+        source = "tones" if cfg.data.modality == "audio" else "shapes"
+        print(f"building the embedded '{source}' {split} shards into {directory}", flush=True)
+        build_shards(BuildConfig(source=source, split=split, output=str(directory)))
+
+
+def launch_command(config: str, overrides: list[str], nproc: int) -> list[str]:
+    """The command that starts `nproc` local ranks: the deepspeed launcher, else torchrun."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    args = ["train", "--config", config, *overrides]
+    if Path(launcher).is_file():
+        master_port = str(29500 + os.getpid() % 1000)
+        return [launcher, "--num_gpus", str(nproc), "--master_port", master_port, "--no_local_rank", "--module", "pipeline",
+                *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "pipeline", *args]
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import format_table
+    from pipeline.metrics import read_metrics
+
+    cfg = load_run_config(args.config, args.overrides)
+    ensure_embedded_shards(cfg)
+    nproc = args.nproc or (max(1, min(2, torch.cuda.device_count())) if torch.cuda.is_available() else 2)
+    command = launch_command(args.config, args.overrides, nproc)
+    print("running:", " ".join(command), flush=True)
+    started = time.time()
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        print(f"training failed (exit code {result.returncode})", file=sys.stderr)
+        return result.returncode
+    run_dir = run_dir_of(cfg)
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    print(f"\ntrained {cfg.train.steps} steps on {nproc} ranks in {time.time() - started:.0f} s")
+    if evals:
+        print(f"held-out results at step {evals[-1]['step']}:\n{format_table(evals[-1])}")
+    print(f"curves: {run_dir / 'curves.png'}\nmetrics: {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    train_parser = subparsers.add_parser(
+        "train", help="train with DeepSpeed (any launcher, or one process)", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train_parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    train_parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=1e-3 train.steps=100")
+    train_parser.set_defaults(func=_train_command)
+
+    demo_parser = subparsers.add_parser(
+        "demo", help="build the embedded shards, train on 2 local ranks, print held-out results",
+        description="The tiny CLIP (or CLAP) demo: builds shards if missing, trains with 2 local ranks through "
+        "the deepspeed launcher (GPUs if present, else CPU), evaluates, prints a results table and the plot path.",
+    )
+    demo_parser.add_argument("--config", default="configs/demo-clip.yaml", help="demo run config")
+    demo_parser.add_argument("--nproc", type=int, default=0, help="local ranks (default: 2)")
+    demo_parser.add_argument("overrides", nargs="*", help="dot-list overrides")
+    demo_parser.set_defaults(func=_demo_command)

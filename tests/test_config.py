@@ -1,0 +1,82 @@
+"""Run configs: every configs/*.yaml loads; bad configurations fail before any work, naming the setting."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, dump_config, load_config
+from pipeline.shards import BuildConfig, build_shards
+from pipeline.train import validate
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    build_shards(BuildConfig(source="shapes", split="train", output=str(root / "train"), count=64,
+                             samples_per_shard=32), progress=False)
+    return root / "train"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_run_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(RunConfig, path)
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(RunConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
+        load_config(RunConfig, CONFIGS[0], ["optim.lrr=1e-3"])
+
+
+def test_global_batch_not_divisible_by_world_size(shapes, tmp_path):
+    cfg = load_config(RunConfig, None, [f"data.train_urls={shapes}", "train.global_batch_size=30",
+                                        f"train.output_dir={tmp_path}"])
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(30\).*world size \(4\)"):
+        validate(cfg, world_size=4)
+    assert validate(cfg, world_size=2) == 15
+    assert time.perf_counter() - started < 30
+
+
+def test_global_batch_not_divisible_by_accum_steps():
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size \(10\).*train\.accum_steps \(3\)"):
+        load_config(RunConfig, None, ["train.global_batch_size=10", "train.accum_steps=3"])
+
+
+def test_missing_data_path_is_named(tmp_path):
+    cfg = load_config(RunConfig, None, [f"data.train_urls={tmp_path / 'nowhere'}", f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data\.train_urls .*nowhere"):
+        validate(cfg, world_size=1)
+
+
+def test_missing_val_path_is_named(shapes, tmp_path):
+    cfg = load_config(RunConfig, None, [f"data.train_urls={shapes}", f"data.val_urls={tmp_path / 'no-val'}",
+                                        f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data\.val_urls .*no-val"):
+        validate(cfg, world_size=1)
+
+
+def test_unreachable_checkpoint_dir_is_named(shapes, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = load_config(RunConfig, None, [f"data.train_urls={shapes}", f"checkpoint.dir={blocker}/ckpt",
+                                        f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"checkpoint\.dir .*a-file/ckpt.* not reachable"):
+        validate(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.precision=fp8", "train.precision"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("optim.name=sgd", "optim.name"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(RunConfig, None, [override])

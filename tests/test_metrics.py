@@ -1,0 +1,141 @@
+"""metrics.jsonl round trip, resume truncation, TensorBoard scalars, and the run PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.metrics import MetricsLogger, drop_superseded, read_metrics, truncate_after
+from pipeline.plots import plot_run, smooth
+
+
+def _train_record(step: int) -> dict:
+    return {"step": step, "epoch": step // 10, "samples_seen": 64 * step, "loss": 4.0 / (1 + 0.1 * step),
+            "lr": 1e-3, "logit_scale": 14.3, "samples_per_s": 512.0}
+
+
+def _eval_record(step: int) -> dict:
+    return {"kind": "eval", "step": step, "media_to_text_R@1": step / 200, "text_to_media_R@1": step / 250,
+            "media_to_text_R@5": step / 120, "text_to_media_R@5": step / 150, "chance_R@1": 0.01, "chance_R@5": 0.05,
+            "zero_shot_top1": min(1.0, step / 100), "zero_shot_top5": min(1.0, step / 60),
+            "chance_zero_shot_top1": 1 / 12, "chance_zero_shot_top5": 5 / 12}
+
+
+def test_round_trip_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path) as logger:
+        for step in range(1, 6):
+            record = _train_record(step)
+            record["loss"] = torch.tensor(record["loss"])  # tensors from the trainer are stored as numbers
+            logger.log(record)
+        logger.log(_eval_record(5))
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5]
+    assert [r["kind"] for r in records] == ["train"] * 5 + ["eval"]
+    assert records[2]["loss"] == pytest.approx(4.0 / 1.3)
+    assert records[0]["samples_seen"] == 64 and isinstance(records[0]["time"], float)
+    assert records[-1]["zero_shot_top1"] == pytest.approx(0.05)
+    # every line is a complete JSON object on disk
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all(isinstance(json.loads(line), dict) for line in lines)
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5]
+    assert losses[-1].value == pytest.approx(4.0 / 1.5, rel=1e-6)
+    assert [e.value for e in events.Scalars("eval/media_to_text_R@1")] == [pytest.approx(0.025)]
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = MetricsLogger(tmp_path / "run", enabled=False)
+    logger.log(_train_record(1))
+    logger.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_record_without_step_is_refused(tmp_path):
+    with MetricsLogger(tmp_path, tensorboard=False) as logger, pytest.raises(ValueError, match="step"):
+        logger.log({"loss": 1.0})
+
+
+def test_truncate_after_and_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for step in range(1, 11):
+            logger.log(_train_record(step))
+            if step % 5 == 0:
+                logger.log(_eval_record(step))
+    # the crashed run's last checkpoint was at step 6: steps 7..10 (and the eval at 10) go
+    assert truncate_after(path, 6) == 5
+    assert [(r["kind"], r["step"]) for r in read_metrics(path)] == \
+        [("train", s) for s in range(1, 6)] + [("eval", 5), ("train", 6)]
+    assert truncate_after(path, 6) == 0
+
+    # resuming through the logger truncates too, then appends
+    with MetricsLogger(tmp_path, resume_step=4, tensorboard=False) as logger:
+        logger.log(_train_record(5))
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    assert not list(tmp_path.glob(".metrics-*")), "truncation left its temp file behind"
+
+
+def test_partial_last_line_and_superseded_records(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for step in range(1, 5):
+            logger.log(_train_record(step))
+    with open(path, "a") as handle:  # a kill mid-write leaves half a line
+        handle.write('{"step": 5, "loss": 1.')
+    # a resume from step 2 that did not truncate: the file holds 1..4 of the old run, then 3..4 anew
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for step in (3, 4):
+            record = _train_record(step)
+            record["loss"] = 100.0 + step
+            logger.log(record)
+    raw = read_metrics(path, latest_only=False)
+    assert [r["step"] for r in raw] == [1, 2, 3, 4, 3, 4]
+    assert "unreadable line 5" in caplog.text
+    latest = read_metrics(path)
+    assert [r["step"] for r in latest] == [1, 2, 3, 4]
+    assert [r["loss"] for r in latest[2:]] == [103.0, 104.0]
+    # eval records are superseded only by eval records
+    mixed = [{"step": 5, "kind": "eval"}, {"step": 6}, {"step": 4}, {"step": 5}]
+    assert drop_superseded(mixed) == [{"step": 5, "kind": "eval"}, {"step": 4}, {"step": 5}]
+
+
+def test_smoothing_is_bias_corrected():
+    assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    values = smooth([1.0, 0.0], weight=0.5)
+    assert values[0] == 1.0 and values[1] == pytest.approx(0.25 / 0.75)
+
+
+def test_plot_run_writes_a_readable_png(tmp_path):
+    run = tmp_path / "demo-clip"
+    with MetricsLogger(run, tensorboard=False) as logger:
+        for step in range(1, 301):
+            record = _train_record(step)
+            record["loss"] += 0.2 * math.sin(step)  # noisy, so raw and smoothed differ
+            logger.log(record)
+            if step % 50 == 0:
+                logger.log(_eval_record(step))
+    out = plot_run(run / "metrics.jsonl", run / "curves.png")
+    assert out == run / "curves.png"
+    with Image.open(out) as image:
+        image.verify()
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1500, 450)
+        # not a blank canvas: curves and text put many distinct colours on it
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
+
+    # before any evaluation (and before any step) it still draws, saying so
+    fresh = tmp_path / "fresh"
+    with MetricsLogger(fresh, tensorboard=False) as logger:
+        logger.log(_train_record(1))
+    with Image.open(plot_run(fresh, fresh / "curves.png")) as image:
+        assert image.size == (1500, 450)

@@ -1,0 +1,280 @@
+"""The trainer end to end: 2 CPU ranks under the real deepspeed launcher, tiny shards built here.
+
+One launch checks several things, to keep the file within a few minutes:
+- `zero0`: 6 steps at ZeRO-0, the reference: loss falls, sample keys per step recorded;
+- `resumed`: the same run stopped after 3 steps, resumed, SIGKILLed on one rank mid-run, restarted:
+  the same loss at every step (fp32, exact) and the same sample keys as the reference;
+- `zero1`, `zero2`, `zero3` (+ gradient checkpointing, + held-out evaluation): the first steps' losses
+  agree with ZeRO-0;
+- exports of the ZeRO-0 and ZeRO-3 runs load in open_clip and give our model's embeddings.
+In-process (tests/distributed_helpers.run_ranks): GradCache gradients, bf16/fp16 finite losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.metrics import read_metrics
+from pipeline.shards import BuildConfig, build_shards
+from tests.distributed_helpers import free_port, run_ranks
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    build_shards(BuildConfig(source="shapes", split="train", output=str(root / "train"), count=256,
+                             samples_per_shard=64), progress=False)
+    build_shards(BuildConfig(source="shapes", split="val", output=str(root / "val"), count=48,
+                             samples_per_shard=24), progress=False)
+    return {"train": root / "train", "val": root / "val"}
+
+
+def _overrides(shards, out: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.train_urls={shards['train']}", "data.val_urls=", "data.workers=1", "data.shuffle_buffer=64",
+        f"train.output_dir={out}", f"train.name={name}", f"train.steps={STEPS}", "train.global_batch_size=16",
+        "train.log_every=1", "train.log_sample_keys=true", "train.collective_timeout_s=60",
+        "optim.lr=2e-3", "optim.warmup_steps=1", "checkpoint.every_steps=3", "eval.batch_size=12", *extra,
+    ]
+
+
+def _launch(overrides: list[str], kill_rank_after_step: int | None = None, timeout: float = 300) -> int:
+    """Run `deepspeed --num_gpus 2 ... pipeline train`; optionally SIGKILL rank 1 once a step is logged."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PIPELINE_TEST_MARKER": marker, "PYTHONPATH": str(REPO)}
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
+               "--module", "pipeline", "train", "--config", str(REPO / "configs/demo-clip.yaml"), *overrides]
+    process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        if kill_rank_after_step is not None:
+            metrics = _run_dir(overrides) / "metrics.jsonl"
+            while not _logged_step(metrics, kill_rank_after_step):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"run ended or timed out before step {kill_rank_after_step}:\n{process.stdout.read()}")
+                time.sleep(0.2)
+            os.kill(_rank_pid(marker, rank=1), signal.SIGKILL)
+        output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    if kill_rank_after_step is None and process.returncode != 0:
+        pytest.fail(f"training failed with exit code {process.returncode}:\n{output[-6000:]}")
+    return process.returncode
+
+
+def _run_dir(overrides: list[str]) -> Path:
+    values = dict(item.split("=", 1) for item in overrides)
+    return Path(values["train.output_dir"]) / values["train.name"]
+
+
+def _logged_step(metrics: Path, step: int) -> bool:
+    if not metrics.is_file():
+        return False
+    return any(r.get("step", 0) >= step for r in read_metrics(metrics) if r["kind"] == "train")
+
+
+def _rank_pid(marker: str, rank: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PIPELINE_TEST_MARKER={marker}".encode() in environ and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise RuntimeError(f"no process of rank {rank} found")
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def _keys(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
+    lines = (run_dir / f"keys_rank{rank}.jsonl").read_text().splitlines()
+    return [(record["step"], record["keys"]) for record in map(json.loads, lines)]
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> dict[str, Path]:
+    """Launches on demand, each once per module."""
+    out = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name in done:
+            return done[name]
+        if name == "zero0":
+            _launch(_overrides(shards, out, name))
+        elif name == "resumed":
+            _launch(_overrides(shards, out, name, "train.stop_after_steps=3"))
+            # resume, checkpoint every step, and lose rank 1 to SIGKILL after step 4
+            code = _launch(_overrides(shards, out, name, "train.resume=auto", "checkpoint.every_steps=1"),
+                           kill_rank_after_step=4)
+            assert code != 0, "the launcher must report the killed rank"
+            _launch(_overrides(shards, out, name, "train.resume=auto"))
+        elif name in ("zero1", "zero2"):
+            _launch(_overrides(shards, out, name, f"train.zero_stage={name[-1]}", "train.steps=3",
+                               "optim.warmup_steps=1"))
+        elif name == "zero3":
+            _launch(_overrides(shards, out, name, "train.zero_stage=3", "model.grad_checkpointing=true",
+                               "train.steps=3", f"data.val_urls={shards['val']}"))
+        done[name] = out / name
+        return done[name]
+
+    return get
+
+
+def test_zero0_loss_falls(runs):
+    losses = _losses(runs("zero0"))
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sum(losses[s] for s in (5, 6)) / 2 < sum(losses[s] for s in (1, 2)) / 2 - 0.05, losses
+    assert (runs("zero0") / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (runs("zero0") / "curves.png").stat().st_size > 0
+
+
+def test_stop_kill_and_resume_reproduce_every_step(runs):
+    reference, resumed = runs("zero0"), runs("resumed")
+    assert _losses(resumed) == _losses(reference)  # exact: fp32 on CPU is deterministic
+    for rank in (0, 1):
+        assert _keys(resumed, rank) == _keys(reference, rank)
+    # keep_last=3 (default): the checkpoints from the killed run's later steps were pruned
+    tags = sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert tags[-1] == "step_00000006" and len(tags) <= 3
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
+def test_zero_stages_agree_with_zero0(runs, stage):
+    reference, losses = _losses(runs("zero0")), _losses(runs(stage))
+    for step in (1, 2, 3):
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), (stage, step)
+
+
+def test_zero3_evaluates_on_held_out_shards(runs):
+    evals = [r for r in read_metrics(runs("zero3") / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3]  # the final evaluation
+    for key in ("zero_shot_top1", "media_to_text_R@1", "text_to_media_R@5"):
+        assert 0.0 <= evals[0][key] <= 1.0, key
+    assert evals[0]["samples"] == 48
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero3"])
+def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
+    import open_clip
+
+    from pipeline.checkpoint import consolidated_state_dict, export
+    from pipeline.config import RunConfig, load_config
+    from pipeline.models import build_model, register_open_clip_configs
+
+    run_dir = runs(stage)
+    out = export(run_dir, tmp_path / "open_clip.pt")
+    register_open_clip_configs()
+    theirs, _, _ = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(out))
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    ours = build_model(cfg.model)
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    ours.load_state_dict(consolidated_state_dict(str(run_dir / "checkpoints"), tag))
+    ours.eval()
+    theirs.eval()
+    images = torch.rand(4, 3, 64, 64)
+    tokens = open_clip.get_tokenizer("tiny-clip")(["a red circle", "a shape", "two blue squares", "x"])
+    with torch.no_grad():
+        ours_out = ours(images, tokens)
+        assert torch.allclose(theirs.encode_image(images, normalize=True), ours_out["media_features"], atol=1e-5)
+        assert torch.allclose(theirs.encode_text(tokens, normalize=True), ours_out["text_features"], atol=1e-5)
+    # the weights are the trained ones, not a fresh init
+    fresh = build_model(cfg.model)
+    assert not torch.allclose(fresh.state_dict()["clip.visual.conv1.weight"],
+                              ours.state_dict()["clip.visual.conv1.weight"])
+
+
+# -- in-process, on gloo --------------------------------------------------------------------------
+def _gradcache_gradients(rank: int, world_size: int, accum_steps: int, zero_stage: int) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    from pipeline import distributed
+    from pipeline.data import Batch
+    from pipeline.losses import LossConfig, build_loss
+    from pipeline.models import ModelConfig, build_model
+    from pipeline.train import backward_step
+
+    distributed.init_distributed(120)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="tiny-clip"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    local_batch = 8
+    ds_config = distributed.deepspeed_config(
+        micro_batch_size=local_batch // accum_steps, accum_steps=accum_steps, world_size=world_size,
+        zero_stage=zero_stage, precision="fp32", grad_clip=0.0, log_every=1,
+    )
+    engine = distributed.build_engine(model, optimizer, None, ds_config)
+    generator = torch.Generator().manual_seed(100 + rank)
+    media = torch.randn(local_batch, 3, 64, 64, generator=generator)
+    tokens = torch.randint(1, 49000, (local_batch, 32), generator=generator)
+    micro = local_batch // accum_steps
+    batches = [Batch(media[i * micro:(i + 1) * micro], tokens[i * micro:(i + 1) * micro],
+                     [str(k) for k in range(micro)], torch.full((micro,), -1)) for i in range(accum_steps)]
+    loss, _ = backward_step(engine, build_loss(LossConfig(), rank, world_size), batches, torch.device("cpu"),
+                            torch.float32)
+    names = ("clip.visual.conv1.weight", "clip.text_projection", "clip.logit_scale", "clip.ln_final.weight")
+    grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters() if name in names}
+    engine.step()
+    return {"loss": float(loss), "grads": grads}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_gradcache_accum2_equals_one_batch_twice_as_large(zero_stage):
+    whole = run_ranks(_gradcache_gradients, 2, 1, zero_stage, timeout=240)
+    cached = run_ranks(_gradcache_gradients, 2, 2, zero_stage, timeout=240)
+    for rank in (0, 1):
+        assert cached[rank]["loss"] == pytest.approx(whole[rank]["loss"], rel=1e-5)
+        for name, grad in whole[rank]["grads"].items():
+            assert grad.abs().sum() > 0, name
+            assert torch.allclose(cached[rank]["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def _train_in_process(rank: int, world_size: int, overrides: list[str]) -> list[float]:
+    from pipeline.train import load_run_config, train
+
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"), overrides)
+    train(cfg)
+    run_dir = Path(cfg.train.output_dir) / cfg.train.name
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def _fp16_supported_on_cpu() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("precision", [
+    "bf16",
+    pytest.param("fp16", marks=pytest.mark.skipif(
+        not torch.cuda.is_available() and not _fp16_supported_on_cpu(),
+        reason="DeepSpeed's CPU accelerator has no fp16 on this CPU (no AVX512-FP16); runs on GPU")),
+])
+def test_mixed_precision_losses_are_finite(shards, tmp_path, precision):
+    overrides = _overrides(shards, tmp_path, precision, f"train.precision={precision}", "train.steps=3",
+                           "checkpoint.every_steps=0", "data.workers=0", "train.zero_stage=2")
+    losses = run_ranks(_train_in_process, 2, overrides, timeout=300)[0]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
