@@ -10,8 +10,8 @@ All three read the same shards of 256-px JPEGs (built once, cached under .bench/
       here that sees the main venv's packages through a .pth file but has its own webdataset==0.2.86
       (the version open_clip's code supports; ours needs 1.0.2) and pandas;
   (c) ceiling: decode + transform of the same JPEGs in a tight loop on one core, times `--workers`.
-Throughput is samples/s from the first batch to the end (worker start-up excluded), and the ratios
-ours/open_clip and ours/ceiling are printed.
+Throughput is samples/s from the first batch to the end (worker start-up excluded), the best of
+`--repeats` interleaved runs each, and the ratios ours/open_clip and ours/ceiling are printed.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bench-dir", default=".bench", help="where shards and the open_clip venv are cached")
     parser.add_argument("--open-clip-venv", default=".venv-openclip")
     parser.add_argument("--skip-open-clip", action="store_true", help="do not build or run the open_clip peer")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternate the runs this many times and keep each one's best (shared machines are noisy)")
 
 
 def _jpeg(rng: np.random.Generator, size: int) -> bytes:
@@ -204,14 +206,22 @@ def run(args) -> int:
     url = _brace_url(paths)
     print(f"data: {args.samples} samples of {args.source_size}-px JPEGs in {len(paths)} shards ({directory}); "
           f"transform: open_clip {args.image_size}-px train; batch {args.batch_size}; workers {args.workers}")
-    ceiling = run_ceiling(paths, args)
+    best: dict[str, dict] = {}
+    runners = {"ceiling": lambda: run_ceiling(paths, args), "ours": lambda: run_ours(url, args)}
+    if not args.skip_open_clip:
+        runners["open_clip"] = lambda: run_open_clip(url, args)
+    for _ in range(max(args.repeats, 1)):  # interleaved, so that a busy spell hits all of them alike
+        for name, runner in runners.items():
+            result = runner()
+            if name not in best or result["samples_per_s"] > best[name]["samples_per_s"]:
+                best[name] = result
+    ceiling, ours = best["ceiling"], best["ours"]
     print(f"(c) decode ceiling : {ceiling['per_core']:8.1f} samples/s per core, "
           f"x{args.workers} workers = {ceiling['samples_per_s']:8.1f} samples/s")
-    ours = run_ours(url, args)
     print(f"(a) ours           : {ours['samples_per_s']:8.1f} samples/s ({ours['batches']} batches, "
           f"start-up {ours['startup_s']:.1f} s)")
-    if not args.skip_open_clip:
-        peer = run_open_clip(url, args)
+    if "open_clip" in best:
+        peer = best["open_clip"]
         print(f"(b) open_clip      : {peer['samples_per_s']:8.1f} samples/s ({peer['batches']} batches, "
               f"start-up {peer['startup_s']:.1f} s, webdataset {peer['webdataset']})")
         print(f"ours / open_clip   : {ours['samples_per_s'] / peer['samples_per_s']:.2f}x (target >= 1.3x)")

@@ -200,7 +200,8 @@ def _read_json(url: str, storage_options: dict) -> Any | None:
 
 def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None) -> dict[str, int]:
     """Sample count of every shard: from the directory's sizes.json (open_clip's form), else the shard's
-    img2dataset-style *_stats.json ('successes'), else by counting the samples in the tar."""
+    img2dataset-style *_stats.json ('successes'), else by counting the samples in the tar (which reads
+    it once; a 'pipe:' URL runs its command for that)."""
     storage_options = storage_options or {}
     shard_urls = [url for source in expand_urls(urls, storage_options) for url in source]
     sizes: dict[str, int] = {}
@@ -365,6 +366,7 @@ class _StreamReader:
                     log.warning("shard %s failed %d times (%s): skipped", segment.url, attempt + 1, error)
                     break
                 delay = self.cfg.retry_backoff * 2**attempt
+                self.counts["shard_retries"] += 1
                 log.warning("shard %s failed (%s); retry %d/%d in %.1f s", segment.url, error, attempt + 1,
                             self.cfg.retries, delay)
                 time.sleep(delay)
@@ -444,12 +446,15 @@ class StreamingDataset(IterableDataset):
 
     def __init__(self, cfg: DataConfig, sources: list[list[tuple[str, int]]], *, rank: int, world_size: int,
                  seed: int, media_transform, tokenizer, train: bool, image_size: int | None, weights: list[float]):
+        sources = [[shard for shard in source if shard[1] > 0] for source in sources]  # empty shards hold nothing
+        if cfg.resampled and any(weight > 0 and not source for weight, source in zip(weights, sources)):
+            raise ValueError("a data source with a positive weight holds no samples; drop it or give it weight 0")
         self.cfg, self.sources, self.rank, self.world_size = cfg, sources, rank, world_size
         self.seed, self.media_transform, self.tokenizer = seed, media_transform, tokenizer
         self.train, self.image_size, self.weights = train, image_size, weights
         self.workers = max(cfg.workers, 1)
         self.streams = world_size * self.workers
-        self.shards = [shard for source in sources for shard in source if shard[1] > 0]
+        self.shards = [shard for source in sources for shard in source]
         self.total = sum(size for _, size in self.shards)
         # (epoch, first batch to yield): written by the loader before each pass, read by the workers
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -553,7 +558,8 @@ class StreamingDataset(IterableDataset):
         # per-sample seed: the augmentation of a sample is the same after a resume; fork_rng keeps the
         # caller's RNG untouched when workers=0 reads in the training process
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # the CPU generator only: torch.manual_seed also queues CUDA seeding, 3 ms a call
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             return self.media_transform(image)
 

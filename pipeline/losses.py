@@ -91,7 +91,8 @@ def _require(outputs: dict, keys: tuple[str, ...], kind: str, hint: str) -> None
 
 
 class _GlobalBatchLoss(nn.Module):
-    """Shared bookkeeping: rank, world size, the labels of the local rows, the logits shape seen."""
+    """Shared bookkeeping: rank, world size, the labels of the local rows, the logits shape seen.
+    Subclasses define `compute(outputs) -> (loss, metrics)`."""
 
     def __init__(self, cfg: LossConfig, rank: int, world_size: int):
         super().__init__()
@@ -100,6 +101,11 @@ class _GlobalBatchLoss(nn.Module):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.last_logits_shape: tuple[int, ...] | None = None
         """Shape of the per-rank logits of the last call: (b, W*b), observable by tests and benches."""
+
+    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # autocast would run the logit matmuls in bf16/fp16 even on fp32 inputs: logits stay fp32
+        with torch.autocast(device_type=outputs["media_features"].device.type, enabled=False):
+            return self.compute(outputs)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         return gather_features(local.float(), self.rank, self.world_size)
@@ -115,7 +121,7 @@ class _GlobalBatchLoss(nn.Module):
 class ClipLoss(_GlobalBatchLoss):
     """Symmetric InfoNCE: cross-entropy along rows (media -> text) and columns (text -> media), averaged."""
 
-    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         media, text = outputs["media_features"].float(), outputs["text_features"].float()
         scale = outputs["logit_scale"].float()
         all_media, all_text = self.gather(media), self.gather(text)
@@ -150,7 +156,7 @@ class SigLipLoss(_GlobalBatchLoss):
     the average over ranks is the single-process sum over (W*b)^2 pairs divided by W*b.
     """
 
-    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _require(outputs, ("logit_bias",), "siglip", "set model.logit_bias=true")
         media, text = outputs["media_features"].float(), outputs["text_features"].float()
         scale, bias = outputs["logit_scale"].float(), outputs["logit_bias"].float()
@@ -192,7 +198,7 @@ class ProbabilisticLoss(_GlobalBatchLoss):
             return -dims * log_sigma[None, :] - squared * torch.exp(-2 * log_sigma)[None, :] / 2
         return -log_sigma[None, :] - squared * torch.exp(-2 * log_sigma)[None, :]
 
-    def forward(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def compute(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         _require(outputs, ("media_log_sigma", "text_log_sigma"), "probabilistic", "set model.probabilistic=true")
         media, text = outputs["media_features"].float(), outputs["text_features"].float()
         media_log_sigma = outputs["media_log_sigma"].float().reshape(-1)

@@ -254,7 +254,7 @@ class ContrastiveModel(nn.Module):
             self.clip = open_clip.create_model(
                 cfg.name, pretrained=cfg.pretrained or None, nonscalar_logit_scale=True,
                 init_logit_scale=cfg.init_logit_scale,
-                init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None,
+                init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None, output_dict=True,
             )
             embed_dim = _image_model_config(cfg.name)["embed_dim"]
         else:
@@ -291,29 +291,38 @@ class ContrastiveModel(nn.Module):
         # clamping the log is clamping exp(.) to max_logit_scale, with the same gradient
         return self._logit_scale_param.clamp(max=math.log(self.cfg.max_logit_scale))
 
-    def _log_sigma(self, head: nn.Linear, embedding: torch.Tensor) -> torch.Tensor:
+    def _log_sigma(self, head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
         # sigma_j = exp(head_j) / sqrt(logit_scale): the learnable temperature stays global, the head
         # learns how much each sample deviates from it; at init sigma^2 = 1 / logit_scale, so the
         # logits -||x - mu||^2 / sigma^2 start as CLIP's scaled cosine up to a constant per row.
-        log_sigma = head(embedding).squeeze(-1) - 0.5 * self._log_logit_scale().to(embedding.dtype)
+        # The head reads the normalised mean: open_clip's forward (which ZeRO-3 needs) only returns that.
+        log_sigma = head(features).squeeze(-1) - 0.5 * self._log_logit_scale().to(features.dtype)
         return log_sigma.clamp(self.cfg.log_sigma_min, self.cfg.log_sigma_max)
 
     # -- towers
 
     def encode_media(self, media: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images [B, 3, H, W] or log-mel [B, n_mels, frames] -> media_features (and media_log_sigma)."""
-        embedding = self.clip.encode_image(media) if self.cfg.modality == "image" else self.audio(media)
-        part = {"media_features": F.normalize(embedding, dim=-1)}
+        if self.cfg.modality == "image":
+            # through open_clip's forward, not encode_image: ZeRO-3 gathers a module's own partitioned
+            # parameters (text_projection, ...) only in a forward hook of that module
+            features = self.clip(image=media)["image_features"]
+        else:
+            features = F.normalize(self.audio(media), dim=-1)
+        part = {"media_features": features}
         if self.cfg.probabilistic:
-            part["media_log_sigma"] = self._log_sigma(self.media_log_sigma_head, embedding)
+            part["media_log_sigma"] = self._log_sigma(self.media_log_sigma_head, features)
         return part
 
     def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tokens [B, context] -> text_features (and text_log_sigma)."""
-        embedding = self.clip.encode_text(tokens) if self.cfg.modality == "image" else self.text(tokens)
-        part = {"text_features": F.normalize(embedding, dim=-1)}
+        if self.cfg.modality == "image":
+            features = self.clip(text=tokens)["text_features"]
+        else:
+            features = F.normalize(self.text(tokens), dim=-1)
+        part = {"text_features": features}
         if self.cfg.probabilistic:
-            part["text_log_sigma"] = self._log_sigma(self.text_log_sigma_head, embedding)
+            part["text_log_sigma"] = self._log_sigma(self.text_log_sigma_head, features)
         return part
 
     def combine(self, media_part: dict[str, torch.Tensor], text_part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

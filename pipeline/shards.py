@@ -34,6 +34,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,7 @@ def _resized_size(width: int, height: int, target: int, mode: str) -> tuple[int,
 
 def resize_image(data: bytes, ext: str, target: int, mode: str, quality: int) -> tuple[bytes, str]:
     """Decode (checking it is a valid image), resize as asked; bytes are kept as they are when nothing changes."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         image = Image.open(io.BytesIO(data))
@@ -354,8 +355,10 @@ def resize_image(data: bytes, ext: str, target: int, mode: str, quality: int) ->
             side = min(new_size)
             left, top = (new_size[0] - side) // 2, (new_size[1] - side) // 2
             image = image.crop((left, top, left + side, top + side))
-        if needs_pad:
-            image = ImageOps.pad(image, (target, target), color=(0, 0, 0) if image.mode != "L" else 0)
+        if needs_pad:  # paste centred on a black square: ImageOps.pad would scale the image up to fit
+            canvas = Image.new(image.mode, (target, target))
+            canvas.paste(image, ((target - image.size[0]) // 2, (target - image.size[1]) // 2))
+            image = canvas
         buffer = io.BytesIO()
         options = {"quality": quality} if ext in ("jpg", "webp") else {}
         image.save(buffer, format=PIL_FORMATS[ext], **options)
@@ -498,6 +501,12 @@ def _approx_size(sample: Sample) -> int:
     return sum(512 + -(-len(data) // 512) * 512 for data in sample.files.values())
 
 
+def _tar_file_size(member_bytes: int) -> int:
+    # tarfile ends an archive with two zero blocks and pads it to a whole record (20 blocks)
+    record = tarfile.RECORDSIZE
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // record) * record
+
+
 def build_chunk(chunk_index: int) -> list[ShardPart]:
     """Build the shards of input chunk `chunk_index` into the staging directory (runs in a worker)."""
     cfg: BuildConfig = _WORKER["cfg"]
@@ -519,7 +528,7 @@ def build_chunk(chunk_index: int) -> list[ShardPart]:
             logger.warning("skipping sample %s: %s", index if items is None else items[index].media_path, skipped)
             continue
         size = _approx_size(sample)
-        if cfg.max_shard_bytes and writer.samples and written_bytes + size + 1024 > cfg.max_shard_bytes:
+        if cfg.max_shard_bytes and writer.samples and _tar_file_size(written_bytes + size) > cfg.max_shard_bytes:
             parts.append(writer.close())
             writer, written_bytes = new_writer(), 0
         writer.write(sample)
@@ -627,16 +636,18 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
     shard_sizes: dict[str, int] = {}
     failed: Counter[str] = Counter()
     bar = tqdm(total=total, desc=f"building {prefix}", unit="sample", disable=not progress, file=sys.stderr)
+    pool = None
     try:
         if cfg.workers == 1 or chunks <= 1:
             _init_worker(cfg, items, staging)
             results = map(build_chunk, range(chunks))
-            pool = None
         else:
-            # spawn, not fork: the parent may hold torch/threads state that a fork would copy half-way
-            pool = multiprocessing.get_context("spawn").Pool(
-                min(cfg.workers, chunks), initializer=_init_worker, initargs=(cfg, items, staging))
-            results = pool.imap(build_chunk, range(chunks))  # in chunk order, whatever the finishing order
+            # spawn, not fork: the parent may hold torch/thread state that a fork would copy half-way.
+            # A process pool executor, not multiprocessing.Pool: a dying worker fails the build
+            # (BrokenProcessPool) instead of being replaced forever.
+            pool = ProcessPoolExecutor(min(cfg.workers, chunks), mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_init_worker, initargs=(cfg, items, staging))
+            results = pool.map(build_chunk, range(chunks))  # in chunk order, whatever the finishing order
         for parts in results:
             for part in parts:
                 bar.update(part.stats["count"])
@@ -649,14 +660,9 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                 output.write_text(name.replace(".tar", "_stats.json"),
                                   json.dumps({"shard": name, **part.stats}, indent=1) + "\n")
                 shard_sizes[name] = part.samples
-        if pool is not None:
-            pool.close()
-            pool.join()
-    except BaseException:
-        if "pool" in locals() and pool is not None:
-            pool.terminate()
-        raise
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
     keep = set(shard_sizes) | {n.replace(".tar", "_stats.json") for n in shard_sizes}

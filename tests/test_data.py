@@ -105,6 +105,8 @@ def resume_matches(dataset, k, **overrides):
     tail = read_all(resumed)
     assert len(head) + len(tail) == len(full)
     assert_same_batches(head + tail, full)
+    # the interrupted loader itself, iterated again, goes on from where the caller stopped
+    assert_same_batches(read_all(loader), tail)
     return resumed
 
 

@@ -9,7 +9,7 @@ from pipeline.cli import main
 
 def test_bench_data_harness_runs_on_a_tiny_set(tmp_path, capsys):
     argv = ["bench", "data", "--samples", "96", "--batch-size", "8", "--image-size", "32", "--source-size", "64",
-            "--bench-dir", str(tmp_path), "--skip-open-clip"]
+            "--bench-dir", str(tmp_path), "--skip-open-clip", "--repeats", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     ours = float(re.search(r"\(a\) ours\s*:\s*([\d.]+) samples/s", out).group(1))

@@ -127,6 +127,22 @@ def test_bf16_features_close_to_fp32():
         _close(bf16["loss"], fp32["loss"], BF16_VS_FP32_RTOL, f"{kind} bf16 vs fp32 loss")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_stay_fp32_under_autocast(kind):
+    inputs = {k: v for k, v in _global_inputs().items()}
+    media = F.normalize(inputs["raw_media"] @ inputs["media_proj"], dim=-1)
+    text = F.normalize(inputs["raw_text"] @ inputs["text_proj"], dim=-1)
+    outputs = {"media_features": media, "text_features": text, "logit_scale": torch.tensor([10.0]),
+               "logit_bias": torch.tensor([-4.0]), "media_log_sigma": torch.full([GLOBAL_BATCH], -1.0),
+               "text_log_sigma": torch.full([GLOBAL_BATCH], -0.5)}
+    loss_fn = build_loss(LossConfig(kind=kind))
+    plain, _ = loss_fn(outputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast, _ = loss_fn(outputs)
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=0)
+
+
 def _features(n: int = 6, dim: int = 5, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     media = F.normalize(torch.randn(n, dim, generator=gen), dim=-1)

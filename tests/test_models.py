@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -33,14 +34,15 @@ FULL_DEPTH_MAX_PARAMS = 20_000_000
 
 
 def _tone_clips(count: int, sample_rate: int = 16000) -> list[tuple[np.ndarray, int, str]]:
-    """(waveform, rate, caption) decoded from the embedded `tones` set's FLAC bytes."""
+    """(waveform, rate, most specific caption) decoded from the embedded `tones` set's FLAC bytes."""
     from pipeline.synthetic import tones_sample
 
     clips = []
     for index in range(count):
         sample = tones_sample(seed=0, split="train", index=index, sample_rate=sample_rate)
         waveform, rate = decode_audio(sample.media)
-        clips.append((waveform, rate, sample.caption))
+        # the most specific caption: the vague ones ("a sound") repeat, and equal captions cannot be told apart
+        clips.append((waveform, rate, sample.metadata["captions"][-1]))
     return clips
 
 
@@ -76,12 +78,17 @@ def _own_cases() -> list[tuple[str, dict, dict]]:
     ]
 
 
-def _yaml_cases() -> list[tuple[str, dict, dict]]:
-    cases = []
-    for path in sorted(CONFIGS_DIR.glob("*.yaml")):
-        run = read_yaml(path)
-        cases.append((path.name, run.get("model") or {}, run.get("loss") or {}))
-    return cases
+def _cases() -> list[tuple[str, dict, dict]]:
+    """Every model+loss of configs/*.yaml and our own variants, each distinct pair once (the test
+    switches checkpointing itself, so configs differing only in grad_checkpointing are one case)."""
+    distinct: dict[str, tuple[str, dict, dict]] = {}
+    runs = [(path.name, read_yaml(path)) for path in sorted(CONFIGS_DIR.glob("*.yaml"))]
+    found = [(name, run.get("model") or {}, run.get("loss") or {}) for name, run in runs] + _own_cases()
+    for name, model_section, loss_section in found:
+        model_key = {"modality": "image", **model_section, "grad_checkpointing": None}
+        key = json.dumps([model_key, {"kind": "clip", **loss_section}], sort_keys=True)
+        distinct.setdefault(key, (name, model_section, loss_section))
+    return list(distinct.values())
 
 
 def _load(cls, section: dict, tmp_path: Path, name: str):
@@ -91,7 +98,7 @@ def _load(cls, section: dict, tmp_path: Path, name: str):
     return load_config(cls, path)
 
 
-@pytest.mark.parametrize("case", _own_cases() + _yaml_cases(), ids=lambda case: case[0])
+@pytest.mark.parametrize("case", _cases(), ids=lambda case: case[0])
 def test_config_builds_and_checkpointing_gives_equal_loss_and_grads(case, tmp_path, monkeypatch):
     name, model_section, loss_section = case
     cfg = _load(ModelConfig, model_section, tmp_path, "model")
@@ -123,6 +130,9 @@ def test_config_builds_and_checkpointing_gives_equal_loss_and_grads(case, tmp_pa
     # every transformer block of both towers went through reentrant checkpointing, and only when on
     blocks = sum(len(m.resblocks) for m in model.modules() if hasattr(m, "resblocks"))
     assert reentrant_calls == [True] * blocks
+    model.set_grad_checkpointing(False)  # and off again restores the plain forward
+    model(media, tokens)
+    assert len(reentrant_calls) == blocks
     (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
     assert loss_on == loss_off
     assert grads_on.keys() == grads_off.keys()
@@ -188,9 +198,9 @@ def test_audio_tower_learns_tones():
     assert torch.isfinite(media).all()
     tokens = get_tokenizer(cfg)([caption for _, _, caption in clips])
     loss_fn = build_loss(LossConfig())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
-    for _ in range(25):
+    for _ in range(12):
         loss, metrics = loss_fn(model(media, tokens))
         optimizer.zero_grad()
         loss.backward()
@@ -264,7 +274,7 @@ def test_logit_scale_bias_and_sigma_heads():
         model.logit_scale.fill_(10.0)  # exp(10) > max_logit_scale
         model.text_log_sigma_head.bias.fill_(50.0)
     outputs = model(media, tokens)
-    assert float(outputs["logit_scale"]) == pytest.approx(100.0)
+    assert float(outputs["logit_scale"].detach()) == pytest.approx(100.0)
     assert torch.all(outputs["text_log_sigma"] == cfg.log_sigma_max)
     # the heads' features are L2-normalised means
     torch.testing.assert_close(outputs["media_features"].norm(dim=-1), torch.ones(2))
