@@ -32,7 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--count", type=int, default=2000, help="JPEGs in the benchmark folder")
     parser.add_argument("--resize", type=int, default=256, help="shorter side after resize (keep_ratio)")
     parser.add_argument("--jpeg-quality", type=int, default=95, help="quality of the re-encoded JPEGs (both loops)")
-    parser.add_argument("--samples-per-shard", type=int, default=500, help="samples per shard (both loops)")
+    parser.add_argument("--samples-per-shard", type=int, default=100,
+                        help="samples per shard (both loops); small enough that every worker gets several shards")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
     parser.add_argument("--cache-dir", default=".bench", help="where the input JPEGs are kept between runs")
 

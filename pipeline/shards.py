@@ -131,10 +131,12 @@ class BuildConfig:
             raise ConfigError(f"format must be one of {list(MANIFEST_FORMATS)}, got {self.format!r}")
         if self.prefix is not None and (not self.prefix or "/" in self.prefix or "." in self.prefix):
             raise ConfigError(f"prefix must be a non-empty name without '/' or '.', got {self.prefix!r}")
-        if self.source == "shapes":
-            synthetic.shapes_sample(self.seed, self.split, 0, self.image_size)  # raises ConfigError if out of range
+        if self.source == "shapes" and not synthetic.MIN_IMAGE_SIZE <= self.image_size <= synthetic.MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size must be within {synthetic.MIN_IMAGE_SIZE}-{synthetic.MAX_IMAGE_SIZE} px, "
+                              f"got {self.image_size}")
         if self.source == "tones" and not synthetic.MIN_SAMPLE_RATE <= self.sample_rate <= synthetic.MAX_SAMPLE_RATE:
-            raise ConfigError(f"sample_rate must be within {synthetic.MIN_SAMPLE_RATE}-{synthetic.MAX_SAMPLE_RATE} Hz")
+            raise ConfigError(f"sample_rate must be within {synthetic.MIN_SAMPLE_RATE}-{synthetic.MAX_SAMPLE_RATE} Hz, "
+                              f"got {self.sample_rate}")
 
 
 # ---------------------------------------------------------------- inputs
@@ -264,8 +266,8 @@ def list_manifest(cfg: BuildConfig) -> list[SourceItem]:
     items, seen = [], set()
     for row_number, row in enumerate(rows):
         media = row.get(cfg.path_column)
-        identity = row.get(cfg.key_column) if has_keys else media
-        key = _sanitize_key(str(identity)) if has_keys else _key_from_index(row_number)
+        key = _sanitize_key(str(row.get(cfg.key_column))) if has_keys else _key_from_index(row_number)
+        identity = key if has_keys else media  # without keys, the same media twice is the duplicate
         skip = "duplicate_key" if identity in seen else None
         seen.add(identity)
         if not media:

@@ -299,3 +299,24 @@ def test_bench_shards_harness_runs(tmp_path, capsys):
     assert figures["plain"] > 0 and figures["ours_1"] > 0 and figures["ratio_per_worker_1"] > 0
     assert "samples/s" in capsys.readouterr().out
     assert len(list((tmp_path / "jpeg-640x480-6").glob("*.jpg"))) == 6
+
+
+def test_bad_settings_name_the_setting(tmp_path, capsys):
+    for argv, setting in ((["--source", "shapes", "--image-size", "300"], "image_size"),
+                          (["--source", "tones", "--sample-rate", "8000"], "sample_rate"),
+                          (["--source", "folder"], "input"),
+                          (["--source", "shapes", "--resize", "-1"], "resize")):
+        assert _cli(["shards", "build", *argv, "--output", str(tmp_path), "--quiet"]) == 2
+        assert setting in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_manifest_key_column_names_samples(tmp_path):
+    _jpeg(tmp_path / "x.jpg")
+    rows = [{"key": "cat.001", "path": "x.jpg", "caption": "one"}, {"key": "dog", "path": "x.jpg", "caption": "two"},
+            {"key": "cat_001", "path": "x.jpg", "caption": "clash after removing the dot"}]
+    _write_manifest(tmp_path / "m.csv", "csv", rows)
+    summary = _build(source="manifest", input=str(tmp_path / "m.csv"), output=str(tmp_path / "out"))
+    samples, _ = _read_back(tmp_path / "out")
+    assert [s["__key__"] for s in samples] == ["cat_001", "dog"]
+    assert summary.failed_by_reason == {"duplicate_key": 1}

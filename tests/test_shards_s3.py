@@ -79,3 +79,18 @@ def test_manifest_and_media_on_s3(s3_server, tmp_path):
                                   empty_check=False))
     assert [(s["txt"].decode(), Image.open(io.BytesIO(s["jpg"])).size) for s in samples] == [
         ("a red picture", (171, 128)), ("a green picture", (171, 128))]
+
+
+def test_folder_on_s3(s3_server, tmp_path):
+    s3_server.make_bucket("raw-folder")
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (0, 0, 200)).save(buffer, format="PNG")
+    fs.pipe({"raw-folder/set/a.png": buffer.getvalue(), "raw-folder/set/a.txt": b"a blue png",
+             "raw-folder/set/b.png": buffer.getvalue()})  # b has no caption
+    summary = build_shards(BuildConfig(source="folder", input="s3://raw-folder/set", output=str(tmp_path / "out"),
+                                       storage_options=s3_server.storage_options), progress=False)
+    assert summary.failed_by_reason == {"missing_caption": 1}
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "set-000000.tar"), shardshuffle=False, empty_check=False))
+    assert [(s["txt"], s["png"]) for s in samples] == [(b"a blue png", buffer.getvalue())]
+    assert json.loads(samples[0]["json"])["source_path"] == "s3://raw-folder/set/a.png"

@@ -46,7 +46,7 @@ def shards(tmp_path_factory) -> dict[str, Path]:
 
 def _overrides(shards, out: Path, name: str, *extra: str) -> list[str]:
     return [
-        f"data.train_urls={shards['train']}", "data.val_urls=", "data.workers=1", "data.shuffle_buffer=64",
+        f"data.train_urls={shards['train']}", "data.val_urls=", "data.workers=1", "data.shuffle_buffer=64", "data.caption_source=txt",
         f"train.output_dir={out}", f"train.name={name}", f"train.steps={STEPS}", "train.global_batch_size=16",
         "train.log_every=1", "train.log_sample_keys=true", "train.collective_timeout_s=60",
         "optim.lr=2e-3", "optim.warmup_steps=1", "checkpoint.every_steps=3", "eval.batch_size=12", *extra,
