@@ -427,6 +427,17 @@ class StreamPlan:
 # ------------------------------------------------------------------------------------- the dataset
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; in a DataLoader worker, straight into shared memory, so that handing the batch to
+    the training process moves a file descriptor instead of copying the batch once more."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 class _RateLimitedLog:
     """Every bad sample is counted; the first few of each reason are logged in full, then every 1000th."""
 
@@ -564,7 +575,7 @@ class StreamingDataset(IterableDataset):
             return self.media_transform(image)
 
     def _collate(self, samples: list[tuple], keys: list[str]) -> Batch:
-        media = torch.stack([sample[0] for sample in samples])
+        media = _stack([sample[0] for sample in samples])
         tokens = self.tokenizer([sample[1] for sample in samples])
         labels = torch.tensor([sample[2] for sample in samples], dtype=torch.long)
         return Batch(media, tokens, keys, labels)
