@@ -68,7 +68,7 @@ def build_shards(directory: Path, samples: int, size: int) -> list[str]:
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     listed, paths = {}, []
-    progress = tqdm(total=samples, desc=f"building {samples} {size}-px JPEG samples", unit="sample")
+    progress = tqdm(total=samples, desc=f"building {samples} {size}-px JPEG samples", unit="sample", mininterval=2)
     for shard, start in enumerate(range(0, samples, SHARD_SAMPLES)):
         path = directory / f"bench-{shard:06d}.tar"
         count = min(SHARD_SAMPLES, samples - start)

@@ -12,7 +12,12 @@ Layout of a checkpoint directory (local, or `s3://bucket/prefix`):
 Atomicity: locally every rank writes into `.tmp-step_...`, rank 0 renames it once all ranks have
 finished, and only then rewrites `latest` (temp file + rename). Remotely, ranks stage locally and
 upload into the tag's prefix; `latest` is uploaded after every rank's upload completed. A crash at
-any point leaves `latest` naming the previous complete checkpoint.
+any point leaves `latest` naming the previous complete checkpoint. `latest` is the commit point:
+a tag newer than it is the remains of an interrupted save, never loaded, and removed by the next
+save; keep-last-K counts only complete checkpoints.
+
+`load_model_from_run(run_dir)` turns a run's latest checkpoint (any ZeRO stage, local or remote)
+into a ContrastiveModel on CPU, for evaluation and export.
 """
 
 from __future__ import annotations
@@ -52,10 +57,10 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def _fs(url: str):
+def _fs(url: str, storage_options: dict[str, Any] | None = None):
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,12 +78,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_reachable(url: str) -> None:
+def check_reachable(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Create the checkpoint directory and write a probe file; ConfigError naming the setting if not."""
     probe = f".probe-{os.getpid()}"
     try:
         if is_remote(url):
-            fs, path = _fs(url)
+            fs, path = _fs(url, storage_options)
             fs.makedirs(path, exist_ok=True)
             fs.pipe_file(f"{path.rstrip('/')}/{probe}", b"ok")
             fs.rm_file(f"{path.rstrip('/')}/{probe}")
@@ -104,6 +109,9 @@ class CheckpointManager:
         self.staging = staging / f"rank{rank}"
 
     # -- where things are -------------------------------------------------------------------------
+    def _fs(self, url: str):
+        return _fs(url, self.cfg.storage_options)
+
     def _join(self, *parts: str) -> str:
         return "/".join([self.url.rstrip("/"), *parts])
 
@@ -111,7 +119,7 @@ class CheckpointManager:
         """The newest complete checkpoint's tag, or None when there is none."""
         try:
             if self.remote:
-                fs, path = _fs(self._join(LATEST))
+                fs, path = self._fs(self._join(LATEST))
                 if not fs.exists(path):
                     return None
                 return fs.cat_file(path).decode().strip() or None
@@ -121,8 +129,9 @@ class CheckpointManager:
             return None
 
     def tags(self) -> list[str]:
+        """Every `step_*` tag present, complete or not, oldest first."""
         if self.remote:
-            fs, path = _fs(self.url)
+            fs, path = self._fs(self.url)
             if not fs.exists(path):
                 return []
             names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
@@ -135,11 +144,18 @@ class CheckpointManager:
         """Write a checkpoint of `engine` + this rank's `trainer_state`; returns its tag."""
         tag = tag_for_step(step)
         tmp_tag = TMP_PREFIX + tag
+        # A run resumed at its last step saves again at that step: that checkpoint is complete and
+        # `latest` names it, so rewriting it in place would only open a window where a crash loses it.
+        if distributed.broadcast_object(self.latest_tag() == tag if self.rank == 0 else None):
+            return tag
         if self.remote:
             # stage the whole directory locally, then upload this rank's files into the tag prefix
             local_root = self.staging
             shutil.rmtree(local_root / tag, ignore_errors=True)
             local_root.mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:
+                self._remove(tag)  # leftovers of an interrupted save of this step must not mix in
+            distributed.barrier()
             engine.save_checkpoint(str(local_root), tag=tag, save_latest=False)
             torch.save(trainer_state, local_root / tag / _trainer_state_name(self.rank))
             self._upload(local_root / tag, tag)
@@ -164,7 +180,7 @@ class CheckpointManager:
         return tag
 
     def _upload(self, local_dir: Path, tag: str) -> None:
-        fs, base = _fs(self._join(tag))
+        fs, base = self._fs(self._join(tag))
         for path in sorted(local_dir.rglob("*")):
             if path.is_file():
                 relative = path.relative_to(local_dir).as_posix()
@@ -172,7 +188,7 @@ class CheckpointManager:
 
     def _write_latest(self, tag: str) -> None:
         if self.remote:
-            fs, path = _fs(self._join(LATEST))
+            fs, path = self._fs(self._join(LATEST))
             fs.pipe_file(path, tag.encode())
             return
         root = Path(self.url)
@@ -183,21 +199,52 @@ class CheckpointManager:
             os.fsync(handle.fileno())
         os.replace(tmp, root / LATEST)
 
+    def _remove(self, tag: str) -> None:
+        if self.remote:
+            fs, path = self._fs(self._join(tag))
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        else:
+            shutil.rmtree(Path(self.url) / tag, ignore_errors=True)
+
     def _prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop older ones and unfinished saves."""
         latest = self.latest_tag()
         tags = self.tags()
-        kept = set(tags[-self.cfg.keep_last:]) | {latest}
-        for tag in tags:
-            if tag in kept:
-                continue
-            if self.remote:
-                fs, path = _fs(self._join(tag))
-                fs.rm(path, recursive=True)
-            else:
-                shutil.rmtree(Path(self.url) / tag, ignore_errors=True)
+        # tags sort by step; anything after `latest` was never committed (a save cut short)
+        complete = [tag for tag in tags if latest is not None and tag <= latest]
+        unfinished = [tag for tag in tags if latest is None or tag > latest]
+        for tag in complete[:-self.cfg.keep_last]:
+            self._remove(tag)
             log.info("checkpoint: removed old %s (keep_last=%d)", tag, self.cfg.keep_last)
+        for tag in unfinished:
+            self._remove(tag)
+            log.warning("checkpoint: removed %s, left unfinished by an interrupted save", tag)
+        if not self.remote:
+            for stale in Path(self.url).glob(TMP_PREFIX + "*"):
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
     # -- load -----------------------------------------------------------------------------------
+    def download(self, tag: str, local_root: str | Path, root: str | None = None) -> str:
+        """Copy checkpoint `tag` of the remote directory `root` (default: ours) to `local_root/tag`;
+        returns `local_root`, the directory DeepSpeed loads from."""
+        root = (root or self.url).rstrip("/")
+        fs, base = self._fs(f"{root}/{tag}")
+        if not fs.exists(base):
+            raise FileNotFoundError(f"checkpoint '{root}/{tag}' does not exist")
+        destination = Path(local_root) / tag
+        files = [path for path in fs.find(base) if not path.endswith("/")]
+        for remote_path in files:
+            local_path = destination / remote_path[len(base.rstrip("/")) + 1:]
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote_path, str(local_path))
+        if not files:
+            raise FileNotFoundError(f"checkpoint '{root}/{tag}' is empty")
+        return str(local_root)
+
     def resolve(self, resume: str) -> str | None:
         """train.resume -> the checkpoint path or tag to load, or None for a fresh start."""
         if resume == "none":
@@ -215,11 +262,7 @@ class CheckpointManager:
         if is_remote(root):
             local_root = self.staging / "download"
             shutil.rmtree(local_root, ignore_errors=True)
-            fs, base = _fs(f"{root.rstrip('/')}/{tag}")
-            if not fs.exists(base):
-                raise FileNotFoundError(f"checkpoint '{root}/{tag}' does not exist")
-            fs.get(base.rstrip("/") + "/", str(local_root / tag) + "/", recursive=True)
-            root = str(local_root)
+            root = self.download(tag, local_root, root=root)
         state_path = Path(root) / tag / _trainer_state_name(self.rank)
         if not state_path.is_file():
             raise FileNotFoundError(f"checkpoint '{Path(root) / tag}' has no {state_path.name}")
@@ -256,8 +299,12 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Te
     return {name: tensor.float() for name, tensor in state.items()}
 
 
-def export(run_dir: str | Path, out_path: str | Path, tag: str | None = None) -> Path:
-    """Write `model.open_clip_state_dict()` of a run's latest (or given) checkpoint to `out_path`."""
+def load_model_from_run(run_dir: str | Path, tag: str | None = None):
+    """(ContrastiveModel on CPU in eval mode, RunConfig) from a run directory's latest checkpoint, or the
+    one named by `tag`; the checkpoint may be local or remote (checkpoint.dir in the run's config.yaml)
+    and of any ZeRO stage: the weights are consolidated to fp32."""
+    import dataclasses
+
     from pipeline.config import RunConfig, load_config
     from pipeline.models import build_model
 
@@ -269,16 +316,20 @@ def export(run_dir: str | Path, out_path: str | Path, tag: str | None = None) ->
     manager = CheckpointManager(cfg.checkpoint, run_dir, rank=0, world_size=1)
     tag = tag or manager.latest_tag()
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint under '{manager.url}' (no '{LATEST}' file)")
+        raise FileNotFoundError(f"no checkpoint under '{manager.url}' (no '{LATEST}' file): train longer")
     with tempfile.TemporaryDirectory() as scratch:
-        root = manager.url
-        if manager.remote:
-            fs, base = _fs(manager._join(tag))
-            fs.get(base.rstrip("/") + "/", f"{scratch}/{tag}/", recursive=True)
-            root = scratch
+        root = manager.download(tag, scratch) if manager.remote else manager.url
         weights = consolidated_state_dict(root, tag)
-    model = build_model(cfg.model)
+    # the checkpoint holds every weight: no need to read model.pretrained (which may no longer exist)
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
     model.load_state_dict(weights)
+    model.eval()
+    return model, cfg
+
+
+def export(run_dir: str | Path, out_path: str | Path, tag: str | None = None) -> Path:
+    """Write `model.open_clip_state_dict()` of a run's latest (or given) checkpoint to `out_path`."""
+    model, _ = load_model_from_run(run_dir, tag)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.open_clip_state_dict(), out_path)

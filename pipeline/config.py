@@ -212,6 +212,9 @@ class OptimConfig:
     """The cosine schedule ends at `lr * min_lr_ratio`."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: bool = True
+    """AdamW with torch's fused kernel (one launch for all parameters instead of several per tensor);
+    applies on CUDA only, ignored on CPU and by LAMB."""
 
     def __post_init__(self):
         if self.name not in ("adamw", "lamb"):
@@ -307,6 +310,8 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints; older ones are deleted."""
     staging_dir: str = ""
     """Local directory where remote checkpoints are written before upload; empty = `{run_dir}/checkpoint-staging`."""
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Passed to fsspec for a remote `dir`, e.g. {'client_kwargs': {'endpoint_url': 'http://127.0.0.1:9000'}}."""
 
     def __post_init__(self):
         if self.every_steps < 0:

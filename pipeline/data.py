@@ -675,7 +675,14 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class StreamingLoader:
-    """Iterable of Batch; `len()` batches per epoch on every rank; position (epoch, batches consumed)."""
+    """Iterable of Batch; `len()` batches per epoch on every rank; position (epoch, batches consumed).
+
+    Iterating yields the rest of the current epoch and then moves the loader to the next epoch, so
+    `while True: yield from loader` streams epoch after epoch. `stats` sums the workers' counters:
+    samples_read, samples_filled (train holes) / samples_padded (eval), skipped_<reason> per bad sample
+    (corrupt_media, missing_caption, missing_media, truncated_shard, missing_from_shard, shard_failed),
+    shards_failed, shards_truncated, shards_short, shard_retries.
+    """
 
     def __init__(self, dataset: StreamingDataset, cfg: DataConfig, fingerprint: str):
         self.dataset, self.cfg, self.fingerprint = dataset, cfg, fingerprint

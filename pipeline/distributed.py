@@ -161,6 +161,25 @@ def deepspeed_config(
     return config
 
 
+def check_precision(precision: str) -> None:
+    """ConfigError naming train.precision when this accelerator cannot train in it, before any work.
+
+    fp16 fails instead of falling back to another precision: a silent switch would change the
+    numerics and memory of the run the user configured. DeepSpeed's CPU accelerator has fp16 only on
+    CPUs with AVX512-FP16 (oneDNN); elsewhere it has no fp16 at all.
+    """
+    if precision != "fp16" or not on_cpu():
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise ConfigError(
+            "train.precision=fp16 is not available on this machine: DeepSpeed runs on its CPU accelerator, "
+            "which has no fp16 on this CPU (it needs AVX512-FP16). Use train.precision=bf16 or fp32 on CPU; "
+            "fp16 runs on GPUs."
+        )
+
+
 def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
     """One engine holding both towers (DESIGN.md: two engines only work at ZeRO-1)."""
     import deepspeed

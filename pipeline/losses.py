@@ -113,6 +113,24 @@ class _GlobalBatchLoss(nn.Module):
     def local_labels(self, rows: int, device: torch.device) -> torch.Tensor:
         return torch.arange(rows, device=device) + self.rank * rows
 
+    def symmetric_cross_entropy(
+        self, logits_per_media: torch.Tensor, logits_per_text: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean of the media->text and text->media cross-entropies over this rank's rows [b, W*b],
+        with the in-batch top-1 accuracy of each direction."""
+        self.last_logits_shape = tuple(logits_per_media.shape)
+        labels = self.local_labels(logits_per_media.shape[0], logits_per_media.device)
+        smoothing = self.cfg.label_smoothing
+        loss = (
+            F.cross_entropy(logits_per_media, labels, label_smoothing=smoothing)
+            + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)
+        ) / 2
+        metrics = {
+            "media_to_text_top1": self.top1(logits_per_media, labels),
+            "text_to_media_top1": self.top1(logits_per_text, labels),
+        }
+        return loss, metrics
+
     @staticmethod
     def top1(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return (logits.detach().argmax(dim=1) == labels).float().mean()
@@ -132,18 +150,8 @@ class ClipLoss(_GlobalBatchLoss):
         if bias is not None:
             logits_per_media = logits_per_media + bias.float()
             logits_per_text = logits_per_text + bias.float()
-        self.last_logits_shape = tuple(logits_per_media.shape)
-        labels = self.local_labels(media.shape[0], media.device)
-        smoothing = self.cfg.label_smoothing
-        loss = (
-            F.cross_entropy(logits_per_media, labels, label_smoothing=smoothing)
-            + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)
-        ) / 2
-        metrics = {
-            "media_to_text_top1": self.top1(logits_per_media, labels),
-            "text_to_media_top1": self.top1(logits_per_text, labels),
-            "logit_scale": scale.detach().reshape(()),
-        }
+        loss, metrics = self.symmetric_cross_entropy(logits_per_media, logits_per_text)
+        metrics["logit_scale"] = scale.detach().reshape(())
         if bias is not None:
             metrics["logit_bias"] = bias.detach().float().reshape(())
         return loss, metrics
@@ -207,20 +215,10 @@ class ProbabilisticLoss(_GlobalBatchLoss):
         all_media_log_sigma, all_text_log_sigma = self.gather(media_log_sigma), self.gather(text_log_sigma)
         logits_per_media = self._logits(media, all_text, all_text_log_sigma)
         logits_per_text = self._logits(text, all_media, all_media_log_sigma)
-        self.last_logits_shape = tuple(logits_per_media.shape)
-        labels = self.local_labels(media.shape[0], media.device)
-        smoothing = self.cfg.label_smoothing
-        loss = (
-            F.cross_entropy(logits_per_media, labels, label_smoothing=smoothing)
-            + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)
-        ) / 2
-        metrics = {
-            "media_to_text_top1": self.top1(logits_per_media, labels),
-            "text_to_media_top1": self.top1(logits_per_text, labels),
-            "logit_scale": outputs["logit_scale"].detach().float().reshape(()),
-            "media_sigma": media_log_sigma.detach().exp().mean(),
-            "text_sigma": text_log_sigma.detach().exp().mean(),
-        }
+        loss, metrics = self.symmetric_cross_entropy(logits_per_media, logits_per_text)
+        metrics["logit_scale"] = outputs["logit_scale"].detach().float().reshape(())
+        metrics["media_sigma"] = media_log_sigma.detach().exp().mean()
+        metrics["text_sigma"] = text_log_sigma.detach().exp().mean()
         return loss, metrics
 
 

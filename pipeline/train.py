@@ -93,12 +93,18 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA when `optim.fused`) or LAMB over `parameter_groups`. `device` is where the
+    engine will hold the parameters (default: CUDA unless DeepSpeed runs on its CPU accelerator)."""
     groups = parameter_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() and not distributed.on_cpu() else "cpu")
+    # fused=True is checked against the parameters' device at the first step, after DeepSpeed has
+    # moved the module there; the parameter objects stay the same, so it may be set now
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=cfg.fused and device.type == "cuda")
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -122,7 +128,10 @@ def _rng_restore(snapshot: tuple) -> None:
 
 
 def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch.media.to(device=device, dtype=media_dtype), batch.tokens.to(device)
+    # copy first (asynchronous from pinned memory), then cast on the device: casting on the host would
+    # make a fresh, unpinned tensor and a synchronous copy
+    media = batch.media.to(device, non_blocking=True).to(media_dtype)
+    return media, batch.tokens.to(device, non_blocking=True)
 
 
 def _metric_values(metrics: dict[str, Any]) -> dict[str, float]:
@@ -186,32 +195,23 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
 
 
 # -- throughput -------------------------------------------------------------------------------------
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+PEAK_MATMUL_SIZE = 8192  # large enough to reach a GPU's dense peak, about a second to measure
 
 
-def flops_per_sample(model: torch.nn.Module, media_positions: int, text_positions: int, accum_steps: int) -> float:
-    """Approximate training FLOPs per sample: 2 x params x positions per forward per tower, x3 for
-    forward + backward, plus one more forward with GradCache."""
-    media_params = text_params = 0
-    for name, parameter in model.named_parameters():
-        if "token_embedding" in name or "positional" in name:
-            continue  # lookups, not matrix products
-        if "visual" in name or "audio" in name:
-            media_params += parameter.numel()
-        else:
-            text_params += parameter.numel()
-    forward = 2 * (media_params * media_positions + text_params * text_positions)
-    return forward * (3 + (1 if accum_steps > 1 else 0))
+def mfu_figures(cfg, device: torch.device, media_dtype: torch.dtype) -> tuple[float, float] | None:
+    """(model FLOPs per sample, measured matmul peak FLOP/s of this device in the run's dtype) for the
+    MFU estimate, or None where there is none: on CPU, or for towers whose FLOPs are not counted.
+    Model FLOPs are the bench's count from the config (forward x 3), not what recomputation adds."""
+    from pipeline.bench_gpu import flops_per_sample, measure_matmul_peak
 
-
-def peak_flops(precision: str) -> float | None:
-    if not torch.cuda.is_available():
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12 / (1 if precision in ("bf16", "fp16") else 2)
-    return None
+    try:
+        flops = flops_per_sample(cfg.model)["model"]
+    except (ConfigError, KeyError) as error:
+        log.warning("no MFU estimate: %s", error)
+        return None
+    return float(flops), measure_matmul_peak(device, media_dtype, PEAK_MATMUL_SIZE)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -234,9 +234,10 @@ def validate(cfg, world_size: int) -> int:
             raise ConfigError(f"data.{key} '{urls}' holds no shards")
     if cfg.train.resume not in ("none", "auto") and not cfg.train.resume.strip():
         raise ConfigError("train.resume must be 'none', 'auto' or a checkpoint path")
+    distributed.check_precision(cfg.train.precision)
     from pipeline.checkpoint import check_reachable
 
-    check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"))
+    check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"), cfg.checkpoint.storage_options)
     return micro
 
 
@@ -293,7 +294,7 @@ def train(cfg) -> dict[str, Any]:
     # model, optimizer, schedule, engine; the same init on every rank
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, dist.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.steps)
     )
@@ -359,11 +360,7 @@ def train(cfg) -> dict[str, Any]:
             "world_size": dist.world_size, "config": to_dict(cfg),
         })
 
-    flops = flops_per_sample(
-        engine.module, media_positions=_media_positions(cfg.model), text_positions=tokenizer.context_length,
-        accum_steps=cfg.train.accum_steps,
-    ) if torch.cuda.is_available() else None
-    peak = peak_flops(cfg.train.precision)
+    mfu = mfu_figures(cfg, device, media_dtype)
     stop_at = cfg.train.steps if not cfg.train.stop_after_steps else min(cfg.train.steps, step + cfg.train.stop_after_steps)
 
     from tqdm import tqdm
@@ -372,6 +369,24 @@ def train(cfg) -> dict[str, Any]:
     batches = _batches_forever(loader)
     last_eval: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
+    # each step's loss stays a device tensor until a log step: converting it every step would make the
+    # host wait for the GPU to finish the step, every step
+    window_losses: list[torch.Tensor] = []
+
+    def settle_losses() -> float:
+        """The global loss of the last step; fails on a non-finite loss in any step since the last call."""
+        # the mean over ranks of each rank's local rows is the loss of the global batch
+        losses = torch.cat(window_losses)
+        torch.distributed.all_reduce(losses)
+        losses = (losses / dist.world_size).tolist()
+        window_losses.clear()
+        for offset, value in enumerate(losses):
+            # fp16's dynamic loss scaling skips overflowing steps itself
+            if not math.isfinite(value) and cfg.train.precision != "fp16":
+                bad_step = step - len(losses) + 1 + offset
+                raise FloatingPointError(f"loss is {value} at step {bad_step}: lower optim.lr or check the data")
+        return losses[-1]
+
     engine.train()
     while step < stop_at:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
@@ -382,13 +397,9 @@ def train(cfg) -> dict[str, Any]:
         step += 1
         samples_seen += cfg.train.global_batch_size
         window_samples += cfg.train.global_batch_size
-        # the mean over ranks of each rank's local rows is the loss of the global batch
-        global_loss = loss.float().clone()
-        torch.distributed.all_reduce(global_loss)
-        global_loss = float(global_loss) / dist.world_size
-        if not math.isfinite(global_loss) and cfg.train.precision != "fp16":
-            raise FloatingPointError(f"loss is {global_loss} at step {step}: lower optim.lr or check the data")
+        window_losses.append(loss.float().reshape(1))
         if step % cfg.train.log_every == 0 or step == stop_at:
+            global_loss = settle_losses()
             step_metrics = _metric_values(loss_metrics)
             elapsed = time.perf_counter() - window_start
             samples_per_s = window_samples / max(elapsed, 1e-9)
@@ -398,7 +409,8 @@ def train(cfg) -> dict[str, Any]:
                 "logit_scale": step_metrics.get("logit_scale", float("nan")), "samples_per_s": samples_per_s, "samples_per_s_per_gpu": samples_per_s / dist.world_size,
                 **{f"loss/{k}": v for k, v in step_metrics.items() if k != "logit_scale"},
             }
-            if flops and peak:
+            if mfu is not None:
+                flops, peak = mfu
                 record["mfu"] = flops * samples_per_s / dist.world_size / peak
             metrics_log.log(record)
             bar.set_postfix(loss=f"{global_loss:.4f}", samples_s=f"{samples_per_s:.1f}")
@@ -409,6 +421,8 @@ def train(cfg) -> dict[str, Any]:
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
             last_eval = run_eval()
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < stop_at:
+            if window_losses:
+                settle_losses()  # never checkpoint a model that has diverged since the last log step
             save()
     bar.close()
     if step >= cfg.train.steps:
@@ -423,17 +437,6 @@ def train(cfg) -> dict[str, Any]:
     metrics_log.close()
     distributed.barrier()
     return last_eval
-
-
-def _media_positions(model_cfg) -> int:
-    """Tokens the media tower attends over (patches + class token), for the FLOP estimate."""
-    from pipeline.models import _image_model_config
-
-    if model_cfg.modality != "image":
-        return model_cfg.audio.num_frames
-    vision = _image_model_config(model_cfg.name)["vision_cfg"]
-    size = vision["image_size"] if isinstance(vision["image_size"], int) else max(vision["image_size"])
-    return (size // vision.get("patch_size", 16)) ** 2 + 1
 
 
 # -- commands ---------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ One launch checks several things, to keep the file within a few minutes:
 - `zero1`, `zero2`, `zero3` (+ gradient checkpointing, + held-out evaluation): the first steps' losses
   agree with ZeRO-0;
 - exports of the ZeRO-0 and ZeRO-3 runs load in open_clip and give our model's embeddings.
-In-process (tests/distributed_helpers.run_ranks): GradCache gradients, bf16/fp16 finite losses.
+In-process (tests/distributed_helpers.run_ranks): GradCache gradients, bf16/fp16 finite losses;
+where DeepSpeed's accelerator has no fp16 (CPUs without AVX512-FP16), fp16 is refused before any work.
 """
 
 from __future__ import annotations
@@ -261,10 +262,14 @@ def _train_in_process(rank: int, world_size: int, overrides: list[str]) -> list[
 
 
 def _fp16_supported_on_cpu() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:
+    """What DeepSpeed's CPU accelerator reports (oneDNN fp16: AVX512-FP16 CPUs)."""
+    from pipeline import distributed  # sets DS_ACCELERATOR before deepspeed is imported
+
+    if not distributed.on_cpu():
         return False
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
 
 
 @pytest.mark.parametrize("precision", [
@@ -278,3 +283,20 @@ def test_mixed_precision_losses_are_finite(shards, tmp_path, precision):
                            "checkpoint.every_steps=0", "data.workers=0", "train.zero_stage=2")
     losses = run_ranks(_train_in_process, 2, overrides, timeout=300)[0]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or _fp16_supported_on_cpu(), reason="this machine trains in fp16")
+def test_fp16_without_accelerator_support_fails_before_any_work(shards, tmp_path, monkeypatch):
+    from pipeline import distributed
+    from pipeline.config import ConfigError
+    from pipeline.train import load_run_config, train
+
+    def joined(*args, **kwargs):
+        raise AssertionError("train() joined the process group before rejecting train.precision")
+
+    monkeypatch.setattr(distributed, "init_distributed", joined)
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"),
+                          _overrides(shards, tmp_path, "fp16", "train.precision=fp16"))
+    with pytest.raises(ConfigError, match="train.precision=fp16 is not available"):
+        train(cfg)
+    assert not (tmp_path / "fp16").exists()

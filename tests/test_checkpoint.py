@@ -1,0 +1,330 @@
+"""Checkpoints: s3:// destination and resume, keep-last-K, atomic save, resume=auto, bad checkpoint.dir.
+
+Most tests drive CheckpointManager with a real DeepSpeed engine over the tiny CLIP in this process
+(world size 1, gloo), so each save and load is DeepSpeed's own; S3 is a real moto server on loopback.
+One test runs `train()` end to end (one spawned rank) against S3 with resume=auto.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.checkpoint import CheckpointManager, load_model_from_run
+from pipeline.config import CheckpointConfig, ConfigError, RunConfig, dump_config, load_config
+from tests.distributed_helpers import run_ranks
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A world of one in this process; the launcher variables it sets are undone afterwards."""
+    from pipeline import distributed
+
+    saved = dict(os.environ)
+    distributed.init_distributed(60)
+    yield
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _engine(zero_stage: int = 0, seed: int = 0):
+    from pipeline import distributed
+    from pipeline.models import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name="tiny-clip"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ds_config = distributed.deepspeed_config(
+        micro_batch_size=MICRO_BATCH, accum_steps=1, world_size=1, zero_stage=zero_stage, precision="fp32",
+        grad_clip=1.0, log_every=1,
+    )
+    return distributed.build_engine(model, optimizer, None, ds_config)
+
+
+def _train(engine, first_step: int, steps: int) -> list[float]:
+    """`steps` optimizer steps; step s always sees the same batch, so runs can be compared step by step."""
+    from pipeline.data import Batch
+    from pipeline.losses import LossConfig, build_loss
+    from pipeline.train import backward_step
+
+    loss_fn = build_loss(LossConfig(), 0, 1)
+    losses = []
+    for step in range(first_step, first_step + steps):
+        generator = torch.Generator().manual_seed(step)
+        batch = Batch(torch.randn(MICRO_BATCH, 3, 64, 64, generator=generator),
+                      torch.randint(1, 49000, (MICRO_BATCH, 32), generator=generator),
+                      [f"{step}-{i}" for i in range(MICRO_BATCH)], torch.full((MICRO_BATCH,), -1))
+        loss, _ = backward_step(engine, loss_fn, [batch], torch.device("cpu"), torch.float32)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _weights(engine) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    # ZeRO 1-3 keep the fp32 master weights in the optimizer; ZeRO-0 has none and trains the module's own
+    full = {name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
+    return {name: (master if master is not None else p).detach().clone()
+            for (name, p), master in zip(engine.module.named_parameters(), full.values())}
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "samples_seen": step * MICRO_BATCH, "world_size": 1}
+
+
+def _assert_same_weights(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> tuple[str, dict]:
+    import s3fs
+
+    name = "ckpt-" + request.node.name.lower().replace("_", "-")[:40].rstrip("-")
+    s3_server.make_bucket(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}", s3_server.storage_options
+
+
+# -- S3 ---------------------------------------------------------------------------------------------
+def test_s3_checkpoint_resumes_exactly_and_loads_as_a_model(process_group, bucket, tmp_path):
+    url, storage_options = bucket
+    cfg = CheckpointConfig(dir=f"{url}/run", storage_options=storage_options)
+    engine = _engine(zero_stage=2)
+    _train(engine, 0, 2)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    assert manager.resolve("auto") is None  # nothing there yet: a fresh start
+    assert manager.save(engine, 2, _state(2)) == "step_00000002"
+    saved = _weights(engine)
+    straight = _train(engine, 2, 2)
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options)
+    assert fs.cat_file(f"{url}/run/latest".removeprefix("s3://")) == b"step_00000002"
+    assert not list((tmp_path / "run" / "checkpoint-staging" / "rank0").glob("step_*")), "staging not cleaned"
+
+    # a second engine with another init: everything it continues with comes from S3
+    resumed_engine = _engine(zero_stage=2, seed=1)
+    resumed = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    tag = resumed.resolve("auto")
+    assert tag == "step_00000002"
+    state = resumed.load(resumed_engine, tag)
+    assert state == _state(2)
+    _assert_same_weights(_weights(resumed_engine), saved)
+    assert _train(resumed_engine, 2, 2) == straight  # optimizer moments restored too: exact
+
+    # the run directory's config points at S3: the consolidated (ZeRO-2) model comes back on CPU
+    run_cfg = load_config(RunConfig, None, ["model.name=tiny-clip", f"checkpoint.dir={url}/run"])
+    run_cfg.checkpoint.storage_options = storage_options
+    dump_config(run_cfg, tmp_path / "run" / "config.yaml")
+    model, loaded_cfg = load_model_from_run(tmp_path / "run")
+    assert loaded_cfg.checkpoint.dir == f"{url}/run" and not model.training
+    _assert_same_weights({name: p.detach() for name, p in model.named_parameters()}, saved)
+
+
+def test_interrupted_s3_upload_keeps_previous_checkpoint(process_group, bucket, tmp_path, monkeypatch):
+    import fsspec
+
+    url, storage_options = bucket
+    cfg = CheckpointConfig(dir=f"{url}/run", storage_options=storage_options, keep_last=1)
+    engine = _engine()
+    _train(engine, 0, 1)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    manager.save(engine, 1, _state(1))
+    saved = _weights(engine)
+    _train(engine, 1, 1)
+
+    # the connection drops after the first file of step 2 reached S3
+    fs, _ = fsspec.core.url_to_fs(cfg.dir, **storage_options)  # the instance the manager uses (fsspec caches it)
+    real_put_file, uploads = fs.put_file, []
+
+    def flaky_put_file(local, remote, *args, **kwargs):
+        if uploads:
+            raise ConnectionError("connection reset by peer (injected)")
+        uploads.append(remote)
+        return real_put_file(local, remote, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", flaky_put_file)
+    with pytest.raises(ConnectionError):
+        manager.save(engine, 2, _state(2))
+    monkeypatch.undo()
+    assert "step_00000002" in manager.tags(), "the partial upload should be there for this test to mean anything"
+    assert manager.latest_tag() == "step_00000001"
+
+    restarted = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    other = _engine(seed=1)
+    assert restarted.load(other, restarted.resolve("auto"))["step"] == 1
+    _assert_same_weights(_weights(other), saved)
+    # the next complete save commits and removes both the older checkpoint and the unfinished one
+    restarted.save(other, 3, _state(3))
+    assert restarted.tags() == ["step_00000003"] and restarted.latest_tag() == "step_00000003"
+
+
+# -- local ------------------------------------------------------------------------------------------
+def test_keep_last_k_deletes_older_checkpoints(process_group, tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"), keep_last=2)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    engine = _engine()
+    for step in (1, 2, 3, 4):
+        manager.save(engine, step, _state(step))
+        expected = [f"step_{s:08d}" for s in range(max(1, step - 1), step + 1)]
+        assert manager.tags() == expected, step
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000004"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    # saving again at the latest step (a run resumed at its end) keeps the committed checkpoint as it is
+    before = (tmp_path / "ckpt" / "step_00000004" / "trainer_state_rank0.pt").stat().st_mtime_ns
+    manager.save(engine, 4, _state(4))
+    assert (tmp_path / "ckpt" / "step_00000004" / "trainer_state_rank0.pt").stat().st_mtime_ns == before
+
+
+def test_failed_rename_keeps_previous_checkpoint_and_latest(process_group, tmp_path, monkeypatch):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"), keep_last=3)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    engine = _engine()
+    _train(engine, 0, 1)
+    manager.save(engine, 1, _state(1))
+    saved = _weights(engine)
+    _train(engine, 1, 1)
+
+    real_replace = os.replace
+
+    def full_disk_replace(source, destination, *args, **kwargs):
+        if Path(source).name.startswith(checkpoint.TMP_PREFIX + "step_"):
+            raise OSError(28, "No space left on device (injected)", str(destination))
+        return real_replace(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.os, "replace", full_disk_replace)
+    with pytest.raises(OSError, match="No space left"):
+        manager.save(engine, 2, _state(2))
+    monkeypatch.undo()
+    root = tmp_path / "ckpt"
+    assert (root / "latest").read_text() == "step_00000001"
+    assert (root / ".tmp-step_00000002").is_dir(), "the interrupted save's files should be left for this test"
+    assert manager.tags() == ["step_00000001"]
+
+    restarted = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    other = _engine(seed=1)
+    assert restarted.load(other, restarted.resolve("auto")) == _state(1)
+    _assert_same_weights(_weights(other), saved)
+    model, _ = _load_as_model(tmp_path, cfg)
+    _assert_same_weights({name: p.detach() for name, p in model.named_parameters()}, saved)
+
+    restarted.save(other, 2, _state(2))  # commits, and clears what the failed save left
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+
+
+def _load_as_model(tmp_path: Path, cfg: CheckpointConfig):
+    run_cfg = load_config(RunConfig, None, ["model.name=tiny-clip", f"checkpoint.dir={cfg.dir}"])
+    dump_config(run_cfg, tmp_path / "run" / "config.yaml")
+    return load_model_from_run(tmp_path / "run")
+
+
+def test_load_model_from_run_without_checkpoint_names_the_directory(tmp_path):
+    run_cfg = load_config(RunConfig, None, ["model.name=tiny-clip"])
+    dump_config(run_cfg, tmp_path / "config.yaml")
+    with pytest.raises(FileNotFoundError, match="checkpoints"):
+        load_model_from_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        load_model_from_run(tmp_path / "elsewhere")
+
+
+# -- through train() --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from pipeline.shards import BuildConfig, build_shards
+
+    root = tmp_path_factory.mktemp("shapes") / "train"
+    build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),
+                 progress=False)
+    return root
+
+
+def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"data.train_urls={shards}", "data.val_urls=", "data.workers=0", "data.shuffle_buffer=16",
+        f"train.output_dir={out}", "train.name=run", "train.global_batch_size=8", "train.log_every=1",
+        "train.collective_timeout_s=60", "optim.warmup_steps=1", "eval.batch_size=8", *extra,
+    ]
+
+
+def _train_in_process(rank: int, world_size: int, overrides: list[str], storage_options: dict) -> list[dict]:
+    from pipeline.metrics import read_metrics
+    from pipeline.train import load_run_config, train
+
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"), overrides)
+    cfg.checkpoint.storage_options = storage_options  # a nested mapping: simpler set here than as a dot-list
+    train(cfg)
+    return [r for r in read_metrics(Path(cfg.train.output_dir) / cfg.train.name / "metrics.jsonl")
+            if r["kind"] == "train"]
+
+
+def test_train_resume_auto_starts_fresh_then_continues_from_s3(bucket, shards, tmp_path):
+    url, storage_options = bucket
+    # log every 2 steps: losses stay on the device in between, and the step-1 checkpoint settles them first
+    overrides = _overrides(shards, tmp_path, "train.steps=3", "train.resume=auto", f"checkpoint.dir={url}/run",
+                           "checkpoint.every_steps=1", "train.log_every=2")
+    first = run_ranks(_train_in_process, 1, [*overrides, "train.stop_after_steps=2"], storage_options, timeout=240)[0]
+    assert [r["step"] for r in first] == [2]  # resume=auto with no checkpoint: a fresh start
+    records = run_ranks(_train_in_process, 1, overrides, storage_options, timeout=240)[0]
+    assert [r["step"] for r in records] == [2, 3]  # step 2 kept, step 3 (the last) appended by the resumed run
+    assert records[1]["samples_seen"] == 24 and records[:1] == first
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**storage_options)
+    prefix = f"{url}/run".removeprefix("s3://")
+    assert fs.cat_file(f"{prefix}/latest") == b"step_00000003"
+    # configs/demo-clip.yaml keeps the last 2
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(prefix)) == ["latest", "step_00000002", "step_00000003"]
+
+
+# -- bad settings fail before any work --------------------------------------------------------------
+@pytest.fixture
+def no_work(monkeypatch):
+    """Joining the process group is the first work train() does: reaching it fails the test."""
+    from pipeline import distributed
+
+    def joined(*args, **kwargs):
+        raise AssertionError("train() started work before rejecting the config")
+
+    monkeypatch.setattr(distributed, "init_distributed", joined)
+
+
+def test_unreachable_checkpoint_dir_fails_before_any_work(shards, tmp_path, no_work):
+    from pipeline.train import load_run_config, train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"),
+                          _overrides(shards, tmp_path, f"checkpoint.dir={blocker}/checkpoints"))
+    with pytest.raises(ConfigError, match=f"checkpoint.dir '{blocker}/checkpoints' is not reachable"):
+        train(cfg)
+    assert not (tmp_path / "run").exists(), "nothing may be written before the config is validated"
+
+
+def test_unreachable_s3_endpoint_fails_before_any_work(shards, tmp_path, no_work):
+    from pipeline.train import load_run_config, train
+    from tests.s3_server import free_port
+
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"),
+                          _overrides(shards, tmp_path, "checkpoint.dir=s3://nowhere/run"))
+    # nothing listens on this port; one quick attempt instead of botocore's retries
+    cfg.checkpoint.storage_options = {
+        "key": "x", "secret": "x", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{free_port()}"},
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+    }
+    with pytest.raises(ConfigError, match=r"checkpoint.dir 's3://nowhere/run' is not reachable.*Could not connect"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
