@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="", help="shard URLs read through pipeline.data (default: synthetic)")
     parser.add_argument("--workers", type=int, default=8, help="loader workers (ours with --data, and open_clip's)")
     parser.add_argument("--fused-adamw", default="auto", choices=("auto", "on", "off"),
-                        help="torch's fused AdamW kernel (auto: on with CUDA)")
+                        help="torch's fused AdamW kernel, through optim.fused (auto/on: on with CUDA; off: never)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both towers")
     parser.add_argument("--channels-last", action="store_true",
                         help="images in channels_last (only the ViT patch embedding is a convolution)")
@@ -312,7 +313,7 @@ def build_run(args) -> BenchRun:
     from pipeline.config import OptimConfig
     from pipeline.losses import LossConfig, build_loss
     from pipeline.models import ModelConfig, build_model
-    from pipeline.train import build_optimizer, parameter_groups
+    from pipeline.train import build_optimizer
 
     modality = "audio" if args.model in ("tiny-clap", "clap-base") else "image"
     model_cfg = ModelConfig(name=args.model, modality=modality, grad_checkpointing=args.grad_checkpointing)
@@ -325,14 +326,9 @@ def build_run(args) -> BenchRun:
         tower.compile()
         text.compile()
     optim_cfg = OptimConfig(warmup_steps=1)
-    if _fused_adamw(args.fused_adamw, dist.device):
-        # train.build_optimizer has no `fused` switch (yet): the same groups and hyper-parameters, fused kernel
-        optimizer = torch.optim.AdamW(parameter_groups(model, optim_cfg.weight_decay), lr=optim_cfg.lr,
-                                      betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps, fused=True)
-        kind = "AdamW (fused)"
-    else:
-        optimizer = build_optimizer(model, optim_cfg)
-        kind = "AdamW (foreach)" if dist.device.type == "cuda" else "AdamW"
+    fused = _fused_adamw(args.fused_adamw, dist.device) and dist.device.type == "cuda"
+    optimizer = build_optimizer(model, dataclasses.replace(optim_cfg, fused=fused), dist.device)
+    kind = "AdamW (fused)" if fused else "AdamW"
     ds_config = distributed.deepspeed_config(
         micro_batch_size=args.batch_size, accum_steps=args.accum_steps, world_size=dist.world_size,
         zero_stage=args.zero_stage, precision=args.precision, grad_clip=optim_cfg.grad_clip, log_every=1000,

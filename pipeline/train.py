@@ -94,14 +94,13 @@ class Lamb(torch.optim.Optimizer):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA when `optim.fused`) or LAMB over `parameter_groups`. `device` is where the
-    engine will hold the parameters (default: CUDA unless DeepSpeed runs on its CPU accelerator)."""
+    """AdamW or LAMB over `parameter_groups`. `device` is where the engine will hold the parameters:
+    AdamW uses torch's fused kernel when it is CUDA and `optim.fused` is on (None: not fused)."""
     groups = parameter_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() and not distributed.on_cpu() else "cpu")
+    device = device or torch.device("cpu")
     # fused=True is checked against the parameters' device at the first step, after DeepSpeed has
     # moved the module there; the parameter objects stay the same, so it may be set now
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=cfg.fused and device.type == "cuda")

@@ -253,7 +253,7 @@ def shards(tmp_path_factory) -> Path:
 
 def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"data.train_urls={shards}", "data.val_urls=", "data.workers=0", "data.shuffle_buffer=16",
+        "model.name=tiny-clip", f"data.train_urls={shards}", "data.val_urls=", "data.workers=0", "data.shuffle_buffer=16",
         f"train.output_dir={out}", "train.name=run", "train.global_batch_size=8", "train.log_every=1",
         "train.collective_timeout_s=60", "optim.warmup_steps=1", "eval.batch_size=8", *extra,
     ]

@@ -46,8 +46,10 @@ def shards(tmp_path_factory) -> dict[str, Path]:
 
 
 def _overrides(shards, out: Path, name: str, *extra: str) -> list[str]:
+    # the tiny ViT, whatever model the demo config trains: grad checkpointing and the open_clip export
+    # below need a transformer tower
     return [
-        f"data.train_urls={shards['train']}", "data.val_urls=", "data.workers=1", "data.shuffle_buffer=64", "data.caption_source=txt",
+        "model.name=tiny-clip", f"data.train_urls={shards['train']}", "data.val_urls=", "data.workers=1", "data.shuffle_buffer=64", "data.caption_source=txt",
         f"train.output_dir={out}", f"train.name={name}", f"train.steps={STEPS}", "train.global_batch_size=16",
         "train.log_every=1", "train.log_sample_keys=true", "train.collective_timeout_s=60",
         "optim.lr=2e-3", "optim.warmup_steps=1", "checkpoint.every_steps=3", "eval.batch_size=12", *extra,
@@ -300,3 +302,20 @@ def test_fp16_without_accelerator_support_fails_before_any_work(shards, tmp_path
     with pytest.raises(ConfigError, match="train.precision=fp16 is not available"):
         train(cfg)
     assert not (tmp_path / "fp16").exists()
+
+
+def test_build_optimizer_fuses_adamw_only_for_cuda_and_exempts_norms_from_decay():
+    from pipeline.config import OptimConfig
+    from pipeline.models import ModelConfig, build_model
+    from pipeline.train import build_optimizer
+
+    model = build_model(ModelConfig(name="tiny-clip"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert build_optimizer(model, OptimConfig(), cuda).defaults["fused"] is True
+    assert not build_optimizer(model, OptimConfig(fused=False), cuda).defaults["fused"]
+    assert not build_optimizer(model, OptimConfig(), cpu).defaults["fused"]
+    decayed, exempt = build_optimizer(model, OptimConfig(weight_decay=0.2), cpu).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.2 and exempt["weight_decay"] == 0.0
+    assert "clip.logit_scale" in {names[id(p)] for p in exempt["params"]}
+    assert "clip.visual.conv1.weight" in {names[id(p)] for p in decayed["params"]}
