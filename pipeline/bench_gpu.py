@@ -379,7 +379,7 @@ def _batch_source(run: BenchRun, args) -> Iterator[list]:
         while True:
             yield batches
     from pipeline.data import Batch, DataConfig, build_loader
-    from pipeline.models import get_tokenizer, image_size, media_transform
+    from pipeline.models import get_tokenizer, image_size, media_to_device, media_transform
 
     data_cfg = DataConfig(train_urls=args.data, modality=run.model_cfg.modality, batch_size=args.batch_size,
                           workers=args.workers)
@@ -396,8 +396,7 @@ def _batch_source(run: BenchRun, args) -> Iterator[list]:
         step = []
         for _ in range(args.accum_steps):
             batch = next(stream)
-            # pinned (the loader pins on CUDA) -> asynchronous copy; cast on the device, not on the host
-            media = batch.media.to(run.device, non_blocking=True).to(run.media_dtype)
+            media = media_to_device(batch.media, run.device, run.media_dtype)
             if args.channels_last and media.dim() == 4:
                 media = media.contiguous(memory_format=torch.channels_last)
             step.append(Batch(media, batch.tokens.to(run.device, non_blocking=True), batch.keys, batch.labels))

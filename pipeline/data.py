@@ -142,7 +142,8 @@ class DataConfig:
 
 class Batch(NamedTuple):
     media: torch.Tensor
-    """float [B, 3, H, W] images or [B, n_mels, frames] log-mel audio."""
+    """uint8 [B, 3, H, W] images (the model normalises them on the device: ContrastiveModel.encode_media)
+    or float [B, n_mels, frames] log-mel audio."""
     tokens: torch.Tensor
     """long [B, context]."""
     keys: list[str]
@@ -565,7 +566,8 @@ class StreamingDataset(IterableDataset):
         if self.image_size and image.format == "JPEG":
             # decode at 1/2, 1/4 or 1/8 scale when that still covers the target size
             image.draft("RGB", (self.image_size, self.image_size))
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # convert() copies even an RGB image: a full-size copy per sample saved
+            image = image.convert("RGB")
         # per-sample seed: the augmentation of a sample is the same after a resume; fork_rng keeps the
         # caller's RNG untouched when workers=0 reads in the training process
         with torch.random.fork_rng(devices=[]):

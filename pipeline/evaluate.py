@@ -159,6 +159,8 @@ def _encode_local(model, loader: Iterable, device, distributed: bool, progress: 
                   max_batches: int | None) -> dict[str, Any]:
     """Encode this rank's share. Under ZeRO-3 a forward is a collective, so while any rank still has
     batches, ranks that have run out forward a one-sample stand-in batch and discard it."""
+    from pipeline.models import media_to_device
+
     media_dtype = _parameter_dtype(model)
     media_parts, text_parts, label_parts, keys = [], [], [], []
     own_template, template = None, None
@@ -186,10 +188,10 @@ def _encode_local(model, loader: Iterable, device, distributed: bool, progress: 
             break
         if batch is None:
             media, tokens = template
-            model.encode_media(media.to(device=device, dtype=media_dtype))
+            model.encode_media(media_to_device(media, device, media_dtype))
             model.encode_text(tokens.to(device))
             continue
-        media = batch.media.to(device=device, dtype=media_dtype, non_blocking=True)
+        media = media_to_device(batch.media, device, media_dtype)
         media_features = _features(model.encode_media(media), "media_features")
         text_features = _features(model.encode_text(batch.tokens.to(device)), "text_features")
         # the eval loader pads every rank to the same number of full batches with key "" rows

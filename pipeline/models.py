@@ -25,10 +25,12 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import _build_text_tower
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transform import MaybeConvertMode, PreprocessCfg, _convert_to_rgb, image_transform_v2
 from open_clip.transformer import CustomTransformer, LayerNorm, Transformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.transforms import Normalize, ToTensor
 
 from pipeline.audio import AudioConfig, fit_length, log_mel, resample
 from pipeline.config import ConfigError
@@ -171,29 +173,44 @@ def _reentrant_checkpointed_forward(transformer: nn.Module, x: torch.Tensor, att
     return x
 
 
+def _checkpointed_stage_forward(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """A ResNet stage (nn.Sequential of bottlenecks) recomputed in backward, reentrant like the blocks above.
+    Its BatchNorm layers see the same batch on recomputation, so outputs and gradients are unchanged;
+    only their running statistics take a second momentum update per step."""
+    if torch.is_grad_enabled():
+        return checkpoint(nn.Sequential.forward, stage, x, use_reentrant=True)
+    return nn.Sequential.forward(stage, x)
+
+
 def _set_reentrant_checkpointing(module: nn.Module, enable: bool) -> int:
-    """Switch every open_clip transformer stack inside `module`; returns how many were switched."""
+    """Switch every open_clip transformer stack and ResNet tower inside `module`; returns how many were switched."""
     count = 0
     for child in module.modules():
         if isinstance(child, (Transformer, CustomTransformer)):
             child.grad_checkpointing = False  # never open_clip's own (non-reentrant) path
+            stages = [(child, _reentrant_checkpointed_forward)]
+        elif isinstance(child, ModifiedResNet):
+            stages = [(getattr(child, f"layer{i}"), _checkpointed_stage_forward) for i in range(1, 5)]
+        else:
+            continue
+        for stage, forward in stages:
             if enable:
                 # an instance attribute shadows the class's forward; the state dict is unchanged
-                child.forward = _BoundCheckpointedForward(child)
-            elif "forward" in child.__dict__:
-                del child.forward
-            count += 1
+                stage.forward = _BoundCheckpointedForward(stage, forward)
+            elif "forward" in stage.__dict__:
+                del stage.forward
+        count += 1
     return count
 
 
 class _BoundCheckpointedForward:
     """Picklable stand-in for a bound method (torch.save(model) and deepcopy keep working)."""
 
-    def __init__(self, transformer: nn.Module):
-        self.transformer = transformer
+    def __init__(self, module: nn.Module, forward):
+        self.module, self.forward = module, forward
 
-    def __call__(self, x, attn_mask=None):
-        return _reentrant_checkpointed_forward(self.transformer, x, attn_mask)
+    def __call__(self, x, *args, **kwargs):
+        return self.forward(self.module, x, *args, **kwargs)
 
 
 # ---------------------------------------------------------------- audio tower
@@ -265,6 +282,7 @@ class ContrastiveModel(nn.Module):
             self.logit_scale = nn.Parameter(torch.full([1], cfg.init_logit_scale))
             self.logit_bias = nn.Parameter(torch.full([1], cfg.init_logit_bias)) if cfg.logit_bias else None
         self.embed_dim = embed_dim
+        self._pixel_statistics: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if cfg.probabilistic:
             # zero weights: every sample starts at the same sigma, set by the logit scale (see _log_sigma)
             self.media_log_sigma_head = nn.Linear(embed_dim, 1)
@@ -301,8 +319,28 @@ class ContrastiveModel(nn.Module):
 
     # -- towers
 
+    def normalise_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, 3, H, W] (the loader's) -> open_clip's input: /255, minus mean, over std, in
+        the vision tower's dtype. The same float32 operations as ToTensor + Normalize, so the result is
+        bit-identical to open_clip's preprocessing before the cast."""
+        if self.cfg.modality != "image":
+            raise ValueError(f"{self.cfg.name} is an audio model: uint8 media are images, audio comes as float log-mel")
+        mean, std = self._pixel_statistics.get(pixels.device, (None, None))
+        if mean is None:
+            # plain tensors, not buffers: the state dict and the open_clip export stay unchanged, and a
+            # bf16/fp16 cast of the module cannot round them
+            preprocess = image_preprocess(self.cfg)
+            mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+            std = torch.tensor(preprocess.std, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+            self._pixel_statistics[pixels.device] = (mean, std)
+        dtype = next(self.clip.visual.parameters()).dtype
+        return pixels.float().div_(255).sub_(mean).div_(std).to(dtype)
+
     def encode_media(self, media: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Images [B, 3, H, W] or log-mel [B, n_mels, frames] -> media_features (and media_log_sigma)."""
+        """Images [B, 3, H, W] (uint8 from the loader, normalised here; or float, already normalised) or
+        log-mel [B, n_mels, frames] -> media_features (and media_log_sigma)."""
+        if media.dtype == torch.uint8:
+            media = self.normalise_pixels(media)
         if self.cfg.modality == "image":
             # through open_clip's forward, not encode_image: ZeRO-3 gathers a module's own partitioned
             # parameters (text_projection, ...) only in a forward hook of that module
@@ -337,14 +375,14 @@ class ContrastiveModel(nn.Module):
         return self.combine(self.encode_media(media), self.encode_text(tokens))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Reentrant checkpointing of every transformer block in both towers."""
+        """Reentrant checkpointing of every transformer block and ResNet stage in both towers."""
         if self.cfg.modality == "image":
             unsupported = [type(m).__name__ for m in self.clip.modules()
-                           if type(m).__name__ in ("TimmModel", "HFTextEncoder", "ModifiedResNet")]
+                           if type(m).__name__ in ("TimmModel", "HFTextEncoder")]
             if enable and unsupported:
                 raise ConfigError(
                     f"model.grad_checkpointing: {self.cfg.name} has a {unsupported[0]} tower, which we do not "
-                    "checkpoint (only open_clip transformer towers)"
+                    "checkpoint (only open_clip transformer and ResNet towers)"
                 )
         switched = _set_reentrant_checkpointing(self, enable)
         if enable and switched < 2:
@@ -398,21 +436,84 @@ def image_size(cfg: ModelConfig) -> int | None:
     return max(size) if isinstance(size, (list, tuple)) else int(size)
 
 
+def image_preprocess(cfg: ModelConfig) -> PreprocessCfg:
+    """open_clip's preprocessing settings for an image model: size, mean, std, interpolation, resize mode."""
+    model_cfg = _image_model_config(cfg.name)
+    return PreprocessCfg(**{**model_cfg.get("preprocess_cfg", {}), "size": model_cfg["vision_cfg"]["image_size"]})
+
+
 def media_transform(cfg: ModelConfig, is_train: bool) -> Callable:
     """Per-sample preprocessing for the model's media tower.
 
-    image: callable(PIL.Image) -> Tensor[3, H, W]: open_clip's transform for the model (train:
-    random resized crop; eval: resize + centre crop; the model's size, mean and std).
+    image: callable(PIL.Image) -> uint8 Tensor[3, H, W]: the geometric part of open_clip's transform for
+    the model (train: random resized crop; eval: resize + centre crop; RGB), with the same parameters and
+    the same draws from torch's RNG. The float part (to [0, 1], mean/std) happens in
+    `ContrastiveModel.encode_media` on the device: batches are 4x smaller and the loader workers skip two
+    full-image float passes.
     audio: callable(waveform float32 mono, sample_rate, generator | None) -> log-mel [n_mels, frames]:
     resample, crop (random offset from `generator` in training, the start in eval) or pad, log-mel.
     """
     if cfg.modality == "image":
-        model_cfg = _image_model_config(cfg.name)
-        preprocess = PreprocessCfg(
-            **{**model_cfg.get("preprocess_cfg", {}), "size": model_cfg["vision_cfg"]["image_size"]}
-        )
-        return image_transform_v2(preprocess, is_train=is_train)
+        return image_pixel_transform(image_preprocess(cfg), is_train)
     return _AudioTransform(cfg.audio, is_train)
+
+
+def image_pixel_transform(preprocess: PreprocessCfg, is_train: bool) -> ImagePixelTransform:
+    """open_clip's `image_transform_v2(preprocess, is_train)` without its ToTensor and Normalize steps."""
+    return ImagePixelTransform(image_transform_v2(preprocess, is_train=is_train), preprocess.mode)
+
+
+def media_to_device(media: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """A batch's media on the device, ready for `encode_media`: float media (log-mel, normalised images) in
+    the model's dtype; uint8 images stay uint8, the model normalises them. Copy first (asynchronous from
+    pinned memory), then cast on the device: a cast on the host makes a fresh, unpinned tensor."""
+    media = media.to(device, non_blocking=True)
+    return media.to(dtype) if media.is_floating_point() else media
+
+
+class ImagePixelTransform:
+    """PIL image -> uint8 Tensor[3, H, W] through the PIL steps of an open_clip transform.
+
+    open_clip's own Compose is built and its float tail (ToTensor, Normalize) dropped, so crop sizes,
+    interpolation and random draws stay exactly open_clip's; any other step (a tensor augmentation, a
+    timm transform) is refused rather than silently changed.
+    """
+
+    def __init__(self, open_clip_transform, mode: str = "RGB"):
+        steps = list(getattr(open_clip_transform, "transforms", [open_clip_transform]))
+        kinds = [type(step) for step in steps]
+        if len(steps) < 2 or not issubclass(kinds[-2], ToTensor) or not issubclass(kinds[-1], Normalize):
+            raise ValueError(
+                "image transform: expected open_clip's PIL steps followed by ToTensor and Normalize, got "
+                + ", ".join(kind.__name__ for kind in kinds)
+            )
+        # open_clip's RGB conversion copies even an RGB image: ours converts only other modes
+        self.steps = [_ConvertMode(mode) if isinstance(step, MaybeConvertMode) or step is _convert_to_rgb else step
+                      for step in steps[:-2]]
+        self.mode = mode
+
+    def __call__(self, image) -> torch.Tensor:
+        for step in self.steps:
+            image = step(image)
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        # HWC uint8 -> a CHW view, no float copy; stacking the batch makes it contiguous. np.array, not
+        # asarray: PIL hands out read-only bytes, which torch must not wrap
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(step) for step in self.steps)})"
+
+
+class _ConvertMode:
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, image):
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ConvertMode({self.mode})"
 
 
 class _AudioTransform:

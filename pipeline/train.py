@@ -127,10 +127,10 @@ def _rng_restore(snapshot: tuple) -> None:
 
 
 def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # copy first (asynchronous from pinned memory), then cast on the device: casting on the host would
-    # make a fresh, unpinned tensor and a synchronous copy
-    media = batch.media.to(device, non_blocking=True).to(media_dtype)
-    return media, batch.tokens.to(device, non_blocking=True)
+    from pipeline.models import media_to_device
+
+    # uint8 images stay uint8 (the model normalises them on the device); log-mel takes the model dtype
+    return media_to_device(batch.media, device, media_dtype), batch.tokens.to(device, non_blocking=True)
 
 
 def _metric_values(metrics: dict[str, Any]) -> dict[str, float]:

@@ -21,9 +21,12 @@ IMAGE_SIZE = 16
 
 
 def image_transform(train: bool = True):
-    import open_clip
+    """What training uses (models.media_transform): open_clip's crop/resize, uint8 out."""
+    from open_clip.transform import PreprocessCfg
 
-    return open_clip.image_transform(IMAGE_SIZE, is_train=train)
+    from pipeline.models import image_pixel_transform
+
+    return image_pixel_transform(PreprocessCfg(size=IMAGE_SIZE), is_train=train)
 
 
 def tokenizer():
@@ -74,11 +77,30 @@ def test_batches_shapes_and_labels(dataset):
     batches = read_all(loader)
     assert len(batches) == len(loader) == 12
     batch = batches[0]
-    assert batch.media.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and batch.media.dtype == torch.float32
+    assert batch.media.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and batch.media.dtype == torch.uint8
     assert batch.tokens.shape == (4, 77) and batch.tokens.dtype == torch.long
     assert batch.labels.tolist() == [int(key[-4:]) % 5 for key in batch.keys]
     assert sorted(k for b in batches for k in b.keys) == sorted(all_keys(SIZES))
     assert loader.stats["samples_read"] == 48
+
+
+def test_uint8_batches_normalise_to_open_clip_float_batches(dataset):
+    """Workers ship uint8 crops; normalised on the model they equal what open_clip's float transform gives
+    for the same samples and the same per-sample seeds (train crops included), bit for bit."""
+    import open_clip
+
+    from pipeline.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(name="tiny-clip"))  # normalise_pixels does not depend on the image size
+    for train in (True, False):
+        pixels = read_all(make_loader(dataset, train=train))
+        floats = read_all(make_loader(dataset, train=train,
+                                      transform=open_clip.image_transform(IMAGE_SIZE, is_train=train)))
+        assert len(pixels) == len(floats) > 0
+        for ours, theirs in zip(pixels, floats):
+            assert ours.keys == theirs.keys
+            assert ours.media.dtype == torch.uint8 and theirs.media.dtype == torch.float32
+            torch.testing.assert_close(model.normalise_pixels(ours.media), theirs.media, rtol=0, atol=0)
 
 
 def test_same_seed_same_batches_next_epoch_differs(dataset):

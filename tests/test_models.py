@@ -127,8 +127,11 @@ def test_config_builds_and_checkpointing_gives_equal_loss_and_grads(case, tmp_pa
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results[enabled] = (loss.detach(), grads)
-    # every transformer block of both towers went through reentrant checkpointing, and only when on
+    # every transformer block and ResNet stage of both towers went through reentrant checkpointing, only when on
+    from open_clip.modified_resnet import ModifiedResNet
+
     blocks = sum(len(m.resblocks) for m in model.modules() if hasattr(m, "resblocks"))
+    blocks += 4 * sum(isinstance(m, ModifiedResNet) for m in model.modules())
     assert reentrant_calls == [True] * blocks
     model.set_grad_checkpointing(False)  # and off again restores the plain forward
     model(media, tokens)
@@ -160,9 +163,11 @@ def test_open_clip_state_dict_round_trip(tmp_path):
         torch.testing.assert_close(loaded.encode_image(media, normalize=True), ours["media_features"])
         torch.testing.assert_close(loaded.encode_text(tokens, normalize=True), ours["text_features"])
         torch.testing.assert_close(loaded.logit_scale.exp().reshape(1), ours["logit_scale"])
-    # open_clip's eval preprocessing is ours
+    # open_clip's eval preprocessing is ours: uint8 from the transform, normalised by the model
     picture = Image.new("RGB", (90, 70), (200, 30, 30))
-    torch.testing.assert_close(preprocess(picture), media_transform(cfg, is_train=False)(picture))
+    pixels = media_transform(cfg, is_train=False)(picture)
+    assert pixels.dtype == torch.uint8
+    torch.testing.assert_close(model.normalise_pixels(pixels[None])[0], preprocess(picture), rtol=0, atol=0)
 
     # and the exported file is a `pretrained` checkpoint for our own model
     reloaded = build_model(ModelConfig(name="tiny-clip", pretrained=str(path))).eval()
@@ -302,3 +307,79 @@ def test_audio_tower_rejects_wrong_feature_shape():
     tokens = get_tokenizer(model.cfg)(["a tone"])
     with pytest.raises(ValueError, match=r"\[batch, 32, 201\]"):
         model(torch.zeros(1, 64, 201), tokens)
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth gradients plus noise: crops and resampling of it differ visibly when geometry differs."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([200 * x, 200 * y, 100 + 80 * np.sin(9 * x * y)], axis=-1) + rng.normal(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def test_uint8_pixels_normalised_on_the_model_equal_open_clip_preprocessing():
+    """The loader ships uint8 crops; encode_media normalises them: same features as open_clip's float path."""
+    from open_clip.transform import image_transform_v2
+
+    cfg = ModelConfig(name="tiny-clip")
+    model = build_model(cfg).eval()
+    pictures = [_photo(120, 90, 0), _photo(70, 130, 1), Image.new("L", (80, 80), 77)]  # a grey one: RGB conversion
+    for is_train in (False, True):
+        ours, theirs = media_transform(cfg, is_train), image_transform_v2(models.image_preprocess(cfg), is_train)
+        pixels, reference = [], []
+        for index, picture in enumerate(pictures):
+            # the same seed gives the same random crop: our transform draws exactly what open_clip's does
+            torch.manual_seed(100 + index)
+            pixels.append(ours(picture))
+            torch.manual_seed(100 + index)
+            reference.append(theirs(picture))
+        pixels, reference = torch.stack(pixels), torch.stack(reference)
+        assert pixels.dtype == torch.uint8 and pixels.shape == reference.shape == (3, 3, 64, 64)
+        # the geometry (crop, resize, RGB) is open_clip's bit for bit, train and eval
+        torch.testing.assert_close(model.normalise_pixels(pixels), reference, rtol=0, atol=0)
+        with torch.no_grad():
+            from_pixels = model.encode_media(pixels)["media_features"]
+            from_floats = model.encode_media(reference)["media_features"]
+        torch.testing.assert_close(from_pixels, from_floats, rtol=0, atol=1e-5)
+    # another seed, another crop: the train transform is random, not a fixed crop
+    torch.manual_seed(1)
+    first = media_transform(cfg, True)(pictures[0])
+    torch.manual_seed(2)
+    assert not torch.equal(first, media_transform(cfg, True)(pictures[0]))
+
+
+def test_pixel_normalisation_leaves_the_state_dict_alone_and_follows_the_tower_dtype():
+    cfg = ModelConfig(name="tiny-clip")
+    model = build_model(cfg)
+    keys_before = set(model.state_dict())
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    model.encode_media(pixels)
+    assert set(model.state_dict()) == keys_before  # the mean/std are no buffers: export unchanged
+    assert "media_mean" not in model.open_clip_state_dict()
+    model = model.to(torch.bfloat16)
+    normalised = model.normalise_pixels(pixels)
+    assert normalised.dtype == torch.bfloat16
+    # the mean/std stay float32 under the cast: only the result is rounded, once
+    exact = model.normalise_pixels(pixels.clone()).float()
+    expected = (pixels.float() / 255 - torch.tensor(models.image_preprocess(cfg).mean).view(3, 1, 1)) / torch.tensor(
+        models.image_preprocess(cfg).std).view(3, 1, 1)
+    torch.testing.assert_close(exact, expected.bfloat16().float(), rtol=0, atol=0)
+    assert model.encode_media(pixels)["media_features"].dtype == torch.bfloat16
+    audio = build_model(ModelConfig(name="tiny-clap", modality="audio", audio=TONES_AUDIO))
+    with pytest.raises(ValueError, match="audio model"):
+        audio.encode_media(torch.zeros(1, 32, 201, dtype=torch.uint8))
+
+
+def test_pixel_transform_refuses_a_transform_it_cannot_split():
+    from torchvision import transforms
+
+    with pytest.raises(ValueError, match="ToTensor and Normalize"):
+        models.ImagePixelTransform(transforms.Compose([transforms.Resize(8), transforms.ToTensor()]))
+
+
+def test_media_to_device_casts_floats_and_keeps_pixels_uint8():
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    moved = models.media_to_device(pixels, "cpu", torch.bfloat16)
+    assert moved.dtype == torch.uint8 and torch.equal(moved, pixels)  # the model normalises them
+    mel = torch.randn(2, 32, 201)
+    assert models.media_to_device(mel, "cpu", torch.bfloat16).dtype == torch.bfloat16
