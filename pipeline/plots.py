@@ -25,16 +25,20 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from pipeline.metrics import finite, read_metrics  # noqa: E402
 
 MAX_POINTS = 4000
-SMOOTHING = 0.95
+SMOOTHING_FRACTION = 0.1  # the smoothing window spans this fraction of the logged points
 
 
-def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """Bias-corrected exponential moving average (TensorBoard's smoothing): the first values are not
-    pulled towards zero."""
-    smoothed, average = [], 0.0
-    for count, value in enumerate(values, start=1):
-        average = weight * average + (1 - weight) * value
-        smoothed.append(average / (1 - weight**count))
+def smooth(values: list[float], window: int | None = None) -> list[float]:
+    """Centred moving average over `window` points (default: about a tenth of the series, odd).
+    Centred, so the curve does not lag behind the raw loss as an exponential average does on short
+    runs; near the ends the window shrinks to the points that exist."""
+    if window is None:
+        window = max(1, int(len(values) * SMOOTHING_FRACTION)) | 1
+    half = window // 2
+    smoothed = []
+    for index in range(len(values)):
+        part = values[max(0, index - half):index + half + 1]
+        smoothed.append(sum(part) / len(part))
     return smoothed
 
 
@@ -91,7 +95,9 @@ def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title:
     if steps:
         thin_steps, thin_losses = _thin(steps, losses)
         loss_axes.plot(thin_steps, thin_losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-        loss_axes.plot(steps, smooth(losses), color="tab:blue", linewidth=1.8, label=f"smoothed (EMA {SMOOTHING})")
+        window = max(1, int(len(losses) * SMOOTHING_FRACTION)) | 1
+        loss_axes.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8,
+                       label=f"smoothed (centred mean of {window} points)")
         loss_axes.legend(fontsize=8, loc="upper right")
         last = train[-1]
         loss_axes.set_title(f"training loss (step {last['step']}, {losses[-1]:.3f})")

@@ -340,7 +340,8 @@ def train(cfg) -> dict[str, Any]:
         _truncate_keys(keys_path, step)
     elif cfg.train.log_sample_keys:
         keys_path.unlink(missing_ok=True)
-    metrics_log = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=step if source is not None else None)
+    # a fresh run into an existing run directory starts its curves anew (-1: drop every earlier record)
+    metrics_log = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=step if source is not None else -1)
     plot_path = run_dir / "curves.png"
 
     def run_eval() -> dict[str, float]:

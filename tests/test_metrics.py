@@ -83,6 +83,11 @@ def test_truncate_after_and_resume(tmp_path):
     assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
     assert not list(tmp_path.glob(".metrics-*")), "truncation left its temp file behind"
 
+    # a fresh run into the same directory (the trainer passes -1) starts the curves anew
+    with MetricsLogger(tmp_path, resume_step=-1, tensorboard=False) as logger:
+        logger.log(_train_record(1))
+    assert [r["step"] for r in read_metrics(path)] == [1]
+
 
 def test_partial_last_line_and_superseded_records(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
@@ -108,10 +113,12 @@ def test_partial_last_line_and_superseded_records(tmp_path, caplog):
     assert drop_superseded(mixed) == [{"step": 5, "kind": "eval"}, {"step": 4}, {"step": 5}]
 
 
-def test_smoothing_is_bias_corrected():
+def test_smoothing_is_centred_and_keeps_the_ends():
     assert smooth([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
-    values = smooth([1.0, 0.0], weight=0.5)
-    assert values[0] == 1.0 and values[1] == pytest.approx(0.25 / 0.75)
+    assert smooth([0.0, 3.0, 0.0, 3.0], window=3) == pytest.approx([1.5, 1.0, 2.0, 1.5])
+    # a falling line stays on the line (no lag), apart from the shrunken windows at the ends
+    line = [10.0 - step for step in range(30)]
+    assert smooth(line)[1:-1] == pytest.approx(line[1:-1])
 
 
 def test_plot_run_writes_a_readable_png(tmp_path):

@@ -190,18 +190,29 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     run_dir = runs(stage)
     out = export(run_dir, tmp_path / "open_clip.pt")
     register_open_clip_configs()
-    theirs, _, _ = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(out))
+    theirs, _, theirs_preprocess = open_clip.create_model_and_transforms("tiny-clip", pretrained=str(out))
     cfg = load_config(RunConfig, run_dir / "config.yaml")
     ours = build_model(cfg.model)
     tag = (run_dir / "checkpoints" / "latest").read_text()
     ours.load_state_dict(consolidated_state_dict(str(run_dir / "checkpoints"), tag))
     ours.eval()
     theirs.eval()
-    images = torch.rand(4, 3, 64, 64)
+    # the trainer's path: uint8 pixels from the loader, through _to_device, normalised by our model;
+    # open_clip's path: its own preprocessing's float normalisation of the same pixels
+    from pipeline.data import Batch
+    from pipeline.train import _to_device
+
+    pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     tokens = open_clip.get_tokenizer("tiny-clip")(["a red circle", "a shape", "two blue squares", "x"])
+    normalize = theirs_preprocess.transforms[-1]
     with torch.no_grad():
-        ours_out = ours(images, tokens)
-        assert torch.allclose(theirs.encode_image(images, normalize=True), ours_out["media_features"], atol=1e-5)
+        media, tokens = _to_device(Batch(pixels, tokens, ["k"] * 4, torch.full((4,), -1)), torch.device("cpu"),
+                                   torch.float32)
+        assert media.dtype == torch.uint8, "the trainer must hand uint8 images to the model unconverted"
+        ours_out = ours(media, tokens)
+        theirs_images = normalize(pixels.float() / 255)
+        assert torch.allclose(theirs.encode_image(theirs_images, normalize=True), ours_out["media_features"],
+                              atol=1e-5)
         assert torch.allclose(theirs.encode_text(tokens, normalize=True), ours_out["text_features"], atol=1e-5)
     # the weights are the trained ones, not a fresh init
     fresh = build_model(cfg.model)
