@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="local micro-batch per GPU")
     parser.add_argument("--accum-steps", type=int, default=1,
                         help="GradCache micro-batches per step: the contrastive batch is batch x accum x world")
+    parser.add_argument("--loss-chunk-size", type=int, default=0,
+                        help="loss.chunk_size: compute the contrastive loss this many rows at a time (0: all at once); "
+                             "e.g. 4096 for contrastive batches of 65,536")
     parser.add_argument("--steps", type=int, default=50, help="timed steps (throughput)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (allocator, cuDNN, compile)")
     parser.add_argument("--breakdown-steps", type=int, default=5, help="instrumented steps for the breakdown")
@@ -335,7 +338,7 @@ def build_run(args) -> BenchRun:
     )
     engine = distributed.build_engine(model, optimizer, None, ds_config)
     engine.train()
-    return BenchRun(engine=engine, loss_fn=build_loss(LossConfig(), dist.rank, dist.world_size), model_cfg=model_cfg,
+    return BenchRun(engine=engine, loss_fn=build_loss(LossConfig(chunk_size=args.loss_chunk_size), dist.rank, dist.world_size), model_cfg=model_cfg,
                     device=dist.device, media_dtype=distributed.model_dtype(args.precision), rank=dist.rank,
                     world_size=dist.world_size, optimizer_kind=kind)
 

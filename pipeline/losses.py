@@ -17,6 +17,12 @@ all of this against one process on the concatenated batch (tests/test_losses.py)
 
 Logits are computed in fp32 whatever the feature dtype (bf16/fp16 features are cast before the gather,
 so the gather's gradient all-reduce is fp32 too). World size 1 never touches torch.distributed.
+
+Chunking (`loss.chunk_size`, clip and siglip). Even b x W*b is too much for a 65,536-sample contrastive
+batch on one GPU: two 16 GiB fp32 logit blocks plus cross-entropy's saved log-softmax and the backward's
+gradient of the same size. With chunk_size > 0, `chunked_logit_loss` walks the local rows `chunk_size`
+at a time and keeps only per-row scalars (log-sum-exp) for backward, which recomputes each chunk's
+logits. Loss, gradients and top-1 metrics equal the unchunked path up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import nn
 from pipeline.config import ConfigError
 
 KINDS = ("clip", "siglip", "probabilistic")
+CHUNKED_KINDS = ("clip", "siglip")
 PROBABILISTIC_FORMS = ("contrastive", "gaussian")
 
 
@@ -44,6 +51,11 @@ class LossConfig:
     probabilistic_form: str = "contrastive"
     """"contrastive": logit_ij = -ln sigma_j - ||x_i - mu_j||^2 / sigma_j^2;
     "gaussian": the exact isotropic Gaussian log-likelihood -D ln sigma_j - ||x_i - mu_j||^2 / (2 sigma_j^2)."""
+    chunk_size: int = 0
+    """Local logit rows computed at a time by the clip and siglip losses: peak logit memory drops from
+    b x W*b to a few chunk_size x W*b fp32 blocks, and nothing of that size is kept for backward (it is
+    recomputed: one extra logit matmul). Same loss and gradients. 0 computes all b rows at once. The
+    probabilistic loss is not chunked and refuses a non-zero value."""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -56,6 +68,12 @@ class LossConfig:
             raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.kind == "siglip" and self.label_smoothing:
             raise ConfigError("loss.label_smoothing applies to the clip and probabilistic losses, not siglip")
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            raise ConfigError(f"loss.chunk_size must be an integer >= 0 (0: unchunked), got {self.chunk_size!r}")
+        if self.chunk_size and self.kind not in CHUNKED_KINDS:
+            raise ConfigError(
+                f"loss.chunk_size is implemented for {list(CHUNKED_KINDS)}, not {self.kind!r}: set loss.chunk_size=0"
+            )
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -82,6 +100,141 @@ def gather_features(local: torch.Tensor, rank: int, world_size: int) -> torch.Te
     if world_size == 1:
         return local
     return _GatherWithGrad.apply(local, rank, world_size)
+
+
+CRITERIA = ("softmax", "sigmoid")
+
+
+def _chunk_logits(queries, candidates, scale, bias, start, stop):
+    """scale * q[start:stop] @ candidates.T (+ bias), fp32, one [stop - start, N] block."""
+    logits = queries[start:stop] @ candidates.T
+    logits.mul_(scale)
+    if bias is not None:
+        logits.add_(bias)
+    return logits
+
+
+def _chunk_forward(logits, labels, criterion, smoothing):
+    """(summed loss of these rows, per-row log-sum-exp or None, number of rows whose argmax is the label)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    target = logits[rows, labels]
+    correct = (logits.argmax(dim=1) == labels).sum()
+    if criterion == "sigmoid":
+        # -log sigmoid(-z) for every negative and -log sigmoid(z) = softplus(z) - z for the positive
+        return F.softplus(logits).sum() - target.sum(), None, correct
+    log_sum_exp = torch.logsumexp(logits, dim=1)
+    # cross-entropy against (1 - eps) one-hot + eps / N, as F.cross_entropy(label_smoothing=eps)
+    row_loss = log_sum_exp - (1.0 - smoothing) * target
+    if smoothing:
+        row_loss = row_loss - smoothing * logits.mean(dim=1)
+    return row_loss.sum(), log_sum_exp, correct
+
+
+class _ChunkedLogitLoss(torch.autograd.Function):
+    """Mean over the local rows of a softmax cross-entropy (InfoNCE) or sigmoid (SigLIP) loss of the logits
+    scale * queries @ candidates.T + bias, walked `chunk_size` rows at a time.
+
+    Both criteria have d loss / d logit = (p - target) / rows, with p the softmax (from the saved per-row
+    log-sum-exp) or the sigmoid of the logit, so backward recomputes each chunk's logits and turns them
+    into that gradient in place. Saved for backward: the two feature blocks and b scalars, never a
+    [b, N] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, candidates, scale, bias, first_label, chunk_size, criterion, smoothing):
+        rows = queries.shape[0]
+        labels = torch.arange(rows, device=queries.device) + first_label
+        loss = torch.zeros((), dtype=torch.float32, device=queries.device)
+        correct = torch.zeros((), dtype=torch.long, device=queries.device)
+        log_sum_exps = []
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            for start in range(0, rows, chunk_size):
+                stop = min(start + chunk_size, rows)
+                logits = _chunk_logits(queries, candidates, scale, bias, start, stop)
+                chunk_loss, log_sum_exp, chunk_correct = _chunk_forward(
+                    logits, labels[start:stop], criterion, smoothing
+                )
+                loss += chunk_loss
+                correct += chunk_correct
+                log_sum_exps.append(log_sum_exp)
+                del logits  # free this block before the next one is allocated
+        log_sum_exp = torch.cat(log_sum_exps) if criterion == "softmax" else None
+        ctx.save_for_backward(queries, candidates, scale, bias, log_sum_exp)
+        ctx.first_label, ctx.chunk_size, ctx.criterion, ctx.smoothing = first_label, chunk_size, criterion, smoothing
+        top1 = correct.float() / rows
+        ctx.mark_non_differentiable(top1)
+        return loss / rows, top1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_top1):
+        queries, candidates, scale, bias, log_sum_exp = ctx.saved_tensors
+        rows, classes = queries.shape[0], candidates.shape[0]
+        labels = torch.arange(rows, device=queries.device) + ctx.first_label
+        off_target = ctx.smoothing / classes if ctx.criterion == "softmax" else 0.0
+        on_target = 1.0 - ctx.smoothing + off_target if ctx.criterion == "softmax" else 1.0
+        row_weight = grad_loss / rows  # d (mean over rows) / d (row loss), times the upstream gradient
+        # unscaled accumulators: multiplying by the scale tensor once at the end avoids a host sync
+        unscaled_grad_queries = torch.empty_like(queries)  # (d loss / d logits) @ candidates
+        grad_candidates = torch.zeros_like(candidates)
+        grad_bias = torch.zeros((), dtype=torch.float32, device=queries.device)
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            for start in range(0, rows, ctx.chunk_size):
+                stop = min(start + ctx.chunk_size, rows)
+                grad_logits = _chunk_logits(queries, candidates, scale, bias, start, stop)
+                if ctx.criterion == "softmax":
+                    grad_logits.sub_(log_sum_exp[start:stop, None]).exp_()
+                else:
+                    grad_logits.sigmoid_()
+                if off_target:
+                    grad_logits.sub_(off_target)
+                chunk_rows = torch.arange(stop - start, device=queries.device)
+                grad_logits[chunk_rows, labels[start:stop]] -= on_target - off_target
+                grad_logits.mul_(row_weight)
+                if bias is not None:
+                    grad_bias += grad_logits.sum()
+                unscaled_grad_queries[start:stop] = grad_logits @ candidates
+                grad_candidates.addmm_(grad_logits.T, queries[start:stop])
+                del grad_logits
+        grad_queries = grad_candidates_out = grad_scale = grad_bias_out = None
+        if ctx.needs_input_grad[0]:
+            grad_queries = unscaled_grad_queries * scale
+        if ctx.needs_input_grad[1]:
+            grad_candidates_out = grad_candidates.mul_(scale)
+        if ctx.needs_input_grad[2]:
+            # logit = scale * <q, c> + bias: d/d scale sums <q_i, sum_j g_ij c_j> over rows
+            grad_scale = (queries * unscaled_grad_queries).sum().reshape(scale.shape)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias_out = grad_bias.reshape(bias.shape)
+        return grad_queries, grad_candidates_out, grad_scale, grad_bias_out, None, None, None, None
+
+
+def chunked_logit_loss(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    first_label: int,
+    chunk_size: int,
+    criterion: str = "softmax",
+    smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over the b query rows, top-1 accuracy) of the logits scale * queries @ candidates.T + bias
+    without ever holding more than one [chunk_size, N] logit block (plus its gradient block in backward).
+
+    queries [b, D] are this rank's rows, candidates [N, D] the gathered other tower (fp32 both), row i's
+    positive is candidate first_label + i. criterion "softmax": cross-entropy with label smoothing, as
+    F.cross_entropy; "sigmoid": SigLIP's sum of -log sigmoid(+-logit) over the row, divided by b.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if bias is not None:
+        bias = bias.float()
+    return _ChunkedLogitLoss.apply(
+        queries.float(), candidates.float(), scale.float(), bias, first_label, chunk_size, criterion, smoothing
+    )
 
 
 def _require(outputs: dict, keys: tuple[str, ...], kind: str, hint: str) -> None:
@@ -143,18 +296,33 @@ class ClipLoss(_GlobalBatchLoss):
         media, text = outputs["media_features"].float(), outputs["text_features"].float()
         scale = outputs["logit_scale"].float()
         all_media, all_text = self.gather(media), self.gather(text)
-        # the local rows of both directions: media_i vs every text, text_i vs every media
-        logits_per_media = scale * media @ all_text.T
-        logits_per_text = scale * text @ all_media.T
         bias = outputs.get("logit_bias")
-        if bias is not None:
-            logits_per_media = logits_per_media + bias.float()
-            logits_per_text = logits_per_text + bias.float()
-        loss, metrics = self.symmetric_cross_entropy(logits_per_media, logits_per_text)
+        if self.cfg.chunk_size:
+            loss, metrics = self.chunked_symmetric_cross_entropy(media, text, all_media, all_text, scale, bias)
+        else:
+            # the local rows of both directions: media_i vs every text, text_i vs every media
+            logits_per_media = scale * media @ all_text.T
+            logits_per_text = scale * text @ all_media.T
+            if bias is not None:
+                logits_per_media = logits_per_media + bias.float()
+                logits_per_text = logits_per_text + bias.float()
+            loss, metrics = self.symmetric_cross_entropy(logits_per_media, logits_per_text)
         metrics["logit_scale"] = scale.detach().reshape(())
         if bias is not None:
             metrics["logit_bias"] = bias.detach().float().reshape(())
         return loss, metrics
+
+    def chunked_symmetric_cross_entropy(self, media, text, all_media, all_text, scale, bias):
+        """symmetric_cross_entropy of the same logits, `loss.chunk_size` rows at a time."""
+        rows, chunk = media.shape[0], self.cfg.chunk_size
+        self.last_logits_shape = (min(chunk, rows), all_text.shape[0])
+        first_label, smoothing = self.rank * rows, self.cfg.label_smoothing
+        media_loss, media_top1 = chunked_logit_loss(
+            media, all_text, scale, bias, first_label, chunk, "softmax", smoothing
+        )
+        text_loss, text_top1 = chunked_logit_loss(text, all_media, scale, bias, first_label, chunk, "softmax", smoothing)
+        metrics = {"media_to_text_top1": media_top1, "text_to_media_top1": text_top1}
+        return (media_loss + text_loss) / 2, metrics
 
 
 class SigLipLoss(_GlobalBatchLoss):
@@ -169,6 +337,8 @@ class SigLipLoss(_GlobalBatchLoss):
         media, text = outputs["media_features"].float(), outputs["text_features"].float()
         scale, bias = outputs["logit_scale"].float(), outputs["logit_bias"].float()
         all_text = self.gather(text)
+        if self.cfg.chunk_size:
+            return self.compute_chunked(media, text, all_text, scale, bias)
         logits = scale * media @ all_text.T + bias
         self.last_logits_shape = tuple(logits.shape)
         rows = media.shape[0]
@@ -182,6 +352,23 @@ class SigLipLoss(_GlobalBatchLoss):
         metrics = {
             "media_to_text_top1": self.top1(logits, labels),
             "text_to_media_top1": self.top1(logits_per_text, labels),
+            "logit_scale": scale.detach().reshape(()),
+            "logit_bias": bias.detach().reshape(()),
+        }
+        return loss, metrics
+
+    def compute_chunked(self, media, text, all_text, scale, bias):
+        """The same loss and metrics, `loss.chunk_size` rows at a time."""
+        rows, chunk = media.shape[0], self.cfg.chunk_size
+        self.last_logits_shape = (min(chunk, rows), all_text.shape[0])
+        first_label = self.rank * rows
+        loss, media_top1 = chunked_logit_loss(media, all_text, scale, bias, first_label, chunk, "sigmoid")
+        with torch.no_grad():  # the other direction only for the accuracy metric
+            all_media = gather_features(media.detach(), self.rank, self.world_size)
+            _, text_top1 = chunked_logit_loss(text, all_media, scale, None, first_label, chunk, "sigmoid")
+        metrics = {
+            "media_to_text_top1": media_top1,
+            "text_to_media_top1": text_top1,
             "logit_scale": scale.detach().reshape(()),
             "logit_bias": bias.detach().reshape(()),
         }

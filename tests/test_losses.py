@@ -42,7 +42,9 @@ def _global_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
 PARAMS = ("media_proj", "text_proj", "media_sigma_head", "text_sigma_head", "log_logit_scale", "logit_bias")
 
 
-def _loss_and_grads(kind: str, dtype: torch.dtype, rank: int, world_size: int, smoothing: float = 0.0) -> dict:
+def _loss_and_grads(
+    kind: str, dtype: torch.dtype, rank: int, world_size: int, smoothing: float = 0.0, chunk_size: int = 0
+) -> dict:
     """One rank's loss, its local feature gradients and its parameter gradients."""
     inputs = _global_inputs()
     rows = GLOBAL_BATCH // world_size
@@ -59,7 +61,7 @@ def _loss_and_grads(kind: str, dtype: torch.dtype, rank: int, world_size: int, s
     for value in outputs.values():
         if not value.is_leaf:
             value.retain_grad()
-    cfg = LossConfig(kind=kind, label_smoothing=smoothing)
+    cfg = LossConfig(kind=kind, label_smoothing=smoothing, chunk_size=chunk_size)
     loss_fn = build_loss(cfg, rank, world_size)
     loss, metrics = loss_fn(outputs)
     loss.backward()
@@ -80,8 +82,19 @@ def ranks_loss_and_grads(rank: int, world_size: int) -> dict:
     for kind in KINDS:
         for dtype in (torch.float32, torch.bfloat16):
             results[(kind, dtype)] = _loss_and_grads(kind, dtype, rank, world_size)
-    results[("clip-smoothed", torch.float32)] = _loss_and_grads("clip", torch.float32, rank, world_size, 0.1)
+    for name, (kind, smoothing, chunk_size) in VARIANTS.items():
+        results[(name, torch.float32)] = _loss_and_grads(kind, torch.float32, rank, world_size, smoothing, chunk_size)
     return results
+
+
+# further fp32 cases of the multi-rank test: name -> (kind, label smoothing, loss.chunk_size); a chunk of
+# 3 rows does not divide the 4 local rows at W=2 and exceeds the 2 local rows at W=4
+VARIANTS = {
+    "clip-smoothed": ("clip", 0.1, 0),
+    "clip-chunked": ("clip", 0.0, 3),
+    "clip-smoothed-chunked": ("clip", 0.1, 3),
+    "siglip-chunked": ("siglip", 0.0, 3),
+}
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
@@ -96,7 +109,8 @@ def test_multi_rank_equals_single_process(world_size):
     per_rank = run_ranks(ranks_loss_and_grads, world_size, timeout=240)
     rows = GLOBAL_BATCH // world_size
     for (kind, dtype) in per_rank[0]:
-        loss_kind, smoothing = ("clip", 0.1) if kind == "clip-smoothed" else (kind, 0.0)
+        loss_kind, smoothing, chunk_size = VARIANTS.get(kind, (kind, 0.0, 0))
+        # chunked variants are held to the unchunked single process: chunking must change nothing
         reference = _loss_and_grads(loss_kind, dtype, 0, 1, smoothing)
         rtol = 1e-5 if dtype == torch.float32 else BF16_RTOL
         label = f"{kind} {dtype} W={world_size}"
@@ -111,8 +125,14 @@ def test_multi_rank_equals_single_process(world_size):
         for name, expected in reference["params"].items():
             mean_grad = torch.stack([r["params"][name] for r in ranks]).mean(0)
             _close(mean_grad, expected, rtol, f"{label} d loss / d {name}")
-        # b x W*b per rank, never (W*b)^2
-        assert all(r["logits_shape"] == (rows, GLOBAL_BATCH) for r in ranks)
+        # b x W*b per rank (chunk x W*b when chunked), never (W*b)^2
+        local_rows = min(chunk_size, rows) if chunk_size else rows
+        assert all(r["logits_shape"] == (local_rows, GLOBAL_BATCH) for r in ranks)
+        assert all(r["metrics"].keys() == reference["metrics"].keys() for r in ranks)
+        if chunk_size:  # per-rank top-1 (over the local rows) as the unchunked loss on the same rank
+            unchunked = "clip-smoothed" if smoothing else loss_kind
+            for rank, result in enumerate(per_rank):
+                assert result[(kind, dtype)]["metrics"] == pytest.approx(result[(unchunked, dtype)]["metrics"]), rank
         assert reference["logits_shape"] == (GLOBAL_BATCH, GLOBAL_BATCH)
     # the parameters each loss must train
     assert "logit_bias" in per_rank[0][("siglip", torch.float32)]["params"]
@@ -268,6 +288,9 @@ def test_world_size_one_never_touches_torch_distributed(monkeypatch):
     ({"probabilistic_form": "laplace"}, "loss.probabilistic_form"),
     ({"label_smoothing": 1.5}, "loss.label_smoothing"),
     ({"kind": "siglip", "label_smoothing": 0.1}, "loss.label_smoothing"),
+    ({"chunk_size": -1}, "loss.chunk_size"),
+    ({"chunk_size": 2.5}, "loss.chunk_size"),
+    ({"kind": "probabilistic", "chunk_size": 64}, "loss.chunk_size"),
 ])
 def test_bad_loss_config_names_the_key(values, key):
     with pytest.raises(ConfigError, match=key):
@@ -277,3 +300,105 @@ def test_bad_loss_config_names_the_key(values, key):
 def test_bad_rank_is_refused():
     with pytest.raises(ValueError, match="rank 2"):
         build_loss(LossConfig(), rank=2, world_size=2)
+
+
+def _correlated_outputs(rows: int, dim: int, with_bias: bool, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Leaf features where text i is a noisy copy of media i, so top-1 is neither 0 nor 1."""
+    gen = torch.Generator().manual_seed(seed)
+    media = F.normalize(torch.randn(rows, dim, generator=gen), dim=-1)
+    text = F.normalize(media + 0.6 * torch.randn(rows, dim, generator=gen), dim=-1)
+    outputs = {"media_features": media.requires_grad_(True), "text_features": text.requires_grad_(True),
+               "logit_scale": torch.tensor([14.0], requires_grad=True)}
+    if with_bias:
+        outputs["logit_bias"] = torch.tensor([-3.0], requires_grad=True)
+    return outputs
+
+
+def _value_grads_metrics(cfg: LossConfig, rows: int = 12, dim: int = 8, with_bias: bool = False) -> dict:
+    outputs = _correlated_outputs(rows, dim, with_bias)
+    loss_fn = build_loss(cfg)
+    loss, metrics = loss_fn(outputs)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": {k: v.grad for k, v in outputs.items()},
+            "metrics": {k: float(v) for k, v in metrics.items()}, "logits_shape": loss_fn.last_logits_shape}
+
+
+@pytest.mark.parametrize("kind, smoothing, with_bias", [
+    ("clip", 0.0, False), ("clip", 0.1, False), ("clip", 0.1, True), ("siglip", 0.0, True),
+])
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 12, 50])  # 4 divides the 12 rows, 5 does not, 50 > 12
+def test_chunked_equals_unchunked(kind, smoothing, with_bias, chunk_size):
+    unchunked = _value_grads_metrics(LossConfig(kind=kind, label_smoothing=smoothing), with_bias=with_bias)
+    chunked = _value_grads_metrics(
+        LossConfig(kind=kind, label_smoothing=smoothing, chunk_size=chunk_size), with_bias=with_bias
+    )
+    assert chunked["loss"].dtype == torch.float32
+    torch.testing.assert_close(chunked["loss"], unchunked["loss"], rtol=1e-6, atol=0)
+    for name, expected in unchunked["grads"].items():
+        if kind == "clip" and name == "logit_bias":
+            # 0 up to rounding both ways: a shift of every logit leaves the softmax unchanged
+            assert abs(float(chunked["grads"][name])) < 1e-6 and abs(float(expected)) < 1e-6
+        else:
+            _close(chunked["grads"][name], expected, 1e-6, f"d loss / d {name}")
+    assert chunked["metrics"] == unchunked["metrics"]
+    assert 0.0 < chunked["metrics"]["media_to_text_top1"] < 1.0  # the accuracy check can fail either way
+    assert chunked["logits_shape"] == (min(chunk_size, 12), 12)
+
+
+def test_chunked_bf16_features_and_autocast_stay_fp32():
+    outputs = _correlated_outputs(10, 8, with_bias=False)
+    bf16 = {**outputs, "media_features": outputs["media_features"].bfloat16(),
+            "text_features": outputs["text_features"].bfloat16()}
+    unchunked, _ = build_loss(LossConfig())(bf16)
+    loss_fn = build_loss(LossConfig(chunk_size=3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked, _ = loss_fn(bf16)
+        chunked.backward()  # backward under autocast too: the recomputed logits must stay fp32
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, unchunked, rtol=1e-6, atol=0)
+    assert outputs["logit_scale"].grad is not None and outputs["logit_scale"].grad.dtype == torch.float32
+
+
+# large enough that a [b, b] block stands out from every [b, D] feature block
+MEMORY_ROWS, MEMORY_DIM, MEMORY_CHUNK = 512, 16, 64
+
+
+def _largest_tensors(chunk_size: int, kind: str = "clip") -> tuple[int, int]:
+    """(largest tensor saved for backward, largest tensor any op produced in forward + backward), in elements."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for value in result if isinstance(result, (tuple, list)) else [result]:
+                if isinstance(value, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, value.numel())
+            return result
+
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    outputs = _correlated_outputs(MEMORY_ROWS, MEMORY_DIM, with_bias=kind == "siglip")
+    loss_fn = build_loss(LossConfig(kind=kind, chunk_size=chunk_size))
+    with LargestOutput(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = loss_fn(outputs)
+        loss.backward()
+    assert saved, "nothing was saved for backward: the hook saw nothing"
+    return max(saved), LargestOutput.largest
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_chunked_loss_never_holds_a_full_logit_block(kind):
+    full_block = MEMORY_ROWS * MEMORY_ROWS  # b x W*b at W = 1
+    unchunked_saved, unchunked_largest = _largest_tensors(0, kind)
+    # the unchunked path keeps b x W*b blocks for backward: what chunking removes
+    assert unchunked_saved >= full_block and unchunked_largest >= full_block
+    chunked_saved, chunked_largest = _largest_tensors(MEMORY_CHUNK, kind)
+    # only features and per-row scalars are saved; no op ever makes more than one chunk x W*b block
+    assert chunked_saved <= MEMORY_ROWS * MEMORY_DIM
+    assert chunked_largest <= MEMORY_CHUNK * MEMORY_ROWS
