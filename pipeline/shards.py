@@ -810,6 +810,15 @@ def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (options whose default depends on the source say so)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_storage_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                         help="fsspec option for remote paths, repeatable; dots nest, e.g. "
@@ -827,7 +836,7 @@ def register_cli(subparsers) -> None:
         description="Build WebDataset shards ({prefix}-{index:06d}.tar, sizes.json, *_stats.json, classes.json). "
                     "Bad samples (corrupt or missing media, empty captions, duplicate keys) are skipped and "
                     "counted; a missing manifest column or an unwritable output stops the build at once.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsFormatter)
     build.add_argument("--source", choices=SOURCES, required=True,
                        help="shapes/tones: the embedded generated sets; folder: media files with sidecar .txt/.json "
                             "captions; manifest: a table with a path and a caption column")
