@@ -1,6 +1,6 @@
 """Configs: nested dataclasses, filled from defaults, then a YAML file, then dot-list overrides.
 
-    cfg = load_config(RunConfig, "configs/demo-clip.yaml", ["optim.lr=1e-3", "data.batch_size=64"])
+    cfg = load_config(RunConfig, "configs/demo-clip.yaml", ["optim.lr=1e-3", "train.global_batch_size=256"])
 
 Every component owns its config dataclass (`DataConfig` in data.py, `ModelConfig` in models.py,
 ...); this module only knows how to fill, validate and dump dataclasses. A key that no dataclass
@@ -248,8 +248,6 @@ class TrainConfig:
     """'fp32', 'bf16', or 'fp16' (dynamic loss scaling)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
-    grad_checkpointing: bool = False
-    """Recompute tower activations in backward to save memory."""
     seed: int = 0
     """Seeds the model init, the data order and dropout."""
     log_every: int = 10

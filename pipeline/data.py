@@ -88,7 +88,7 @@ class DataConfig:
     modality: str = "image"
     """'image' (.jpg/.jpeg/.png/.webp) or 'audio' (.flac/.wav/.ogg/.mp3)."""
     batch_size: int = 64
-    """Samples per batch on each rank."""
+    """Samples per batch on each rank. Training derives it from train.global_batch_size (leave it unset)."""
     workers: int = 2
     """DataLoader worker processes per rank (0 reads in the training process)."""
     shuffle_buffer: int = 1000

@@ -216,9 +216,17 @@ def mfu_figures(cfg, device: torch.device, media_dtype: torch.dtype) -> tuple[fl
 # -- the run --------------------------------------------------------------------------------------
 def validate(cfg, world_size: int) -> int:
     """Everything that can be checked before any work; returns the per-rank micro-batch."""
-    from pipeline.data import read_shard_sizes
+    from pipeline.data import DataConfig, read_shard_sizes
 
     micro = cfg.train.micro_batch_size(world_size)
+    # the trainer derives the loader's batch from train.global_batch_size: a different one set by hand
+    # would be silently ignored, so it is refused
+    if cfg.data.batch_size not in (micro, DataConfig.batch_size):
+        raise ConfigError(
+            f"data.batch_size ({cfg.data.batch_size}) is derived in training: train.global_batch_size "
+            f"({cfg.train.global_batch_size}) / (world size {world_size} x train.accum_steps "
+            f"{cfg.train.accum_steps}) = {micro}; set train.global_batch_size instead"
+        )
     for key in ("train_urls", "val_urls"):
         urls = getattr(cfg.data, key)
         if not urls:

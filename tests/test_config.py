@@ -44,6 +44,17 @@ def test_global_batch_not_divisible_by_world_size(shapes, tmp_path):
     assert time.perf_counter() - started < 30
 
 
+def test_hand_set_loader_batch_is_refused_in_training(shapes, tmp_path):
+    # training derives data.batch_size from train.global_batch_size; a different value would be ignored
+    cfg = load_config(RunConfig, None, [f"data.train_urls={shapes}", "train.global_batch_size=32",
+                                        "data.batch_size=10", f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data\.batch_size \(10\) is derived.*= 16; set train\.global_batch_size"):
+        validate(cfg, world_size=2)
+    matching = load_config(RunConfig, None, [f"data.train_urls={shapes}", "train.global_batch_size=32",
+                                             "data.batch_size=16", f"train.output_dir={tmp_path}"])
+    assert validate(matching, world_size=2) == 16
+
+
 def test_global_batch_not_divisible_by_accum_steps():
     with pytest.raises(ConfigError, match=r"train\.global_batch_size \(10\).*train\.accum_steps \(3\)"):
         load_config(RunConfig, None, ["train.global_batch_size=10", "train.accum_steps=3"])
