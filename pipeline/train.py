@@ -31,6 +31,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.config import ConfigError, OptimConfig, dump_config, load_config, to_dict
+from pipeline.parallelize import CompileTimer, compile_blocks, should_compile
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +94,17 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """AdamW or LAMB over `parameter_groups`. `device` is where the engine will hold the parameters:
-    AdamW uses torch's fused kernel when it is CUDA and `optim.fused` is on (None: not fused)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or LAMB over `parameter_groups`. AdamW uses torch's fused kernel when `optim.fused` is on
+    (CUDA and CPU): one kernel for all tensors, and no per-tensor host read of the step count, which
+    the unfused single-tensor path makes (`.item()` per parameter per step)."""
     groups = parameter_groups(model, cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
-    device = device or torch.device("cpu")
     # fused=True is checked against the parameters' device at the first step, after DeepSpeed has
     # moved the module there; the parameter objects stay the same, so it may be set now
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=cfg.fused and device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=cfg.fused)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -131,16 +132,6 @@ def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[t
 
     # uint8 images stay uint8 (the model normalises them on the device); log-mel takes the model dtype
     return media_to_device(batch.media, device, media_dtype), batch.tokens.to(device, non_blocking=True)
-
-
-def _metric_values(metrics: dict[str, Any]) -> dict[str, float]:
-    values = {}
-    for key, value in (metrics or {}).items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            values[key] = float(value.detach().float())
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            values[key] = float(value)
-    return values
 
 
 def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype):
@@ -193,15 +184,27 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
     return loss.detach(), metrics
 
 
+def train_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype,
+               grad_clip: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimizer step: gradients of the loss over `micro_batches` (GradCache when several), clipping,
+    the update. Returns the loss and the loss metrics as device tensors: nothing here reads a value back
+    to the host, so the host can run ahead of the GPU; the trainer reads them every `log_every` steps.
+    (DeepSpeed's ZeRO 1-3 optimizers read 1-3 scalars a step for their own checks, whatever the model size.)"""
+    loss, metrics = backward_step(engine, loss_fn, micro_batches, device, media_dtype)
+    distributed.clip_gradients(engine, grad_clip)
+    engine.step()
+    return loss, metrics
+
+
 # -- throughput -------------------------------------------------------------------------------------
 PEAK_MATMUL_SIZE = 8192  # large enough to reach a GPU's dense peak, about a second to measure
 
 
-def mfu_figures(cfg, device: torch.device, media_dtype: torch.dtype) -> tuple[float, float] | None:
+def mfu_figures(cfg, device: torch.device, precision: str) -> tuple[float, float] | None:
     """(model FLOPs per sample, measured matmul peak FLOP/s of this device in the run's dtype) for the
     MFU estimate, or None where there is none: on CPU, or for towers whose FLOPs are not counted.
     Model FLOPs are the bench's count from the config (forward x 3), not what recomputation adds."""
-    from pipeline.bench_gpu import flops_per_sample, measure_matmul_peak
+    from pipeline.flops import MATMUL_DTYPE, flops_per_sample, measure_matmul_peak
 
     if device.type != "cuda":
         return None
@@ -210,7 +213,61 @@ def mfu_figures(cfg, device: torch.device, media_dtype: torch.dtype) -> tuple[fl
     except (ConfigError, KeyError) as error:
         log.warning("no MFU estimate: %s", error)
         return None
-    return float(flops), measure_matmul_peak(device, media_dtype, PEAK_MATMUL_SIZE)
+    return float(flops), measure_matmul_peak(device, MATMUL_DTYPE[precision], PEAK_MATMUL_SIZE)
+
+
+class LogWindow:
+    """The steps since the last log line, kept on the device: each step appends its loss and metrics as
+    tensors (no host read); `settle()` reduces them over ranks and reads them back in one transfer.
+
+    A non-finite loss stops the run with FloatingPointError naming the step. Under `amp` the loss
+    scaler gets its chance first: a non-finite loss makes it skip the step and lower the scale, so the
+    run stops only after AMP_NONFINITE_PATIENCE non-finite steps in a row."""
+
+    AMP_NONFINITE_PATIENCE = 8
+
+    def __init__(self, world_size: int, precision: str):
+        self.world_size, self.precision = world_size, precision
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+        self.metric_names: list[str] = []
+        self.samples, self.started = 0, time.perf_counter()
+        self.nonfinite_run = 0  # consecutive non-finite losses, carried across windows
+
+    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, Any], samples: int) -> None:
+        scalars = {k: v for k, v in (metrics or {}).items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point()}
+        self.metric_names = sorted(scalars)
+        row = [loss.detach().float().reshape(1)] + [scalars[k].detach().float().reshape(1) for k in self.metric_names]
+        self.steps.append(step)
+        self.values.append(torch.cat(row))
+        self.samples += samples
+
+    def settle(self) -> tuple[float, dict[str, float], float]:
+        """(global loss of the last step, its metrics averaged over ranks, samples/s over the window);
+        restarts the window. The only host read of the training loop."""
+        if not self.steps:
+            return float("nan"), {}, 0.0
+        table = torch.stack(self.values)
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            # the mean over ranks of each rank's local rows is the loss of the global batch
+            torch.distributed.all_reduce(table)
+            table = table / self.world_size
+        rows = table.tolist()
+        elapsed = time.perf_counter() - self.started
+        samples_per_s = self.samples / max(elapsed, 1e-9)
+        steps = self.steps
+        self.steps, self.values, self.samples, self.started = [], [], 0, time.perf_counter()
+        for step, row in zip(steps, rows):
+            if math.isfinite(row[0]):
+                self.nonfinite_run = 0
+                continue
+            self.nonfinite_run += 1
+            if self.precision != "amp" or self.nonfinite_run >= self.AMP_NONFINITE_PATIENCE:
+                after = f" ({self.nonfinite_run} non-finite steps in a row: the loss scaler could not recover)" \
+                    if self.precision == "amp" else ""
+                raise FloatingPointError(f"loss is {row[0]} at step {step}{after}: lower optim.lr or check the data")
+        return rows[-1][0], dict(zip(self.metric_names, rows[-1][1:])), samples_per_s
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -301,17 +358,21 @@ def train(cfg) -> dict[str, Any]:
     # model, optimizer, schedule, engine; the same init on every rank
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model, cfg.optim, dist.device)
+    precision = distributed.resolve_precision(cfg.train.precision)
+    compiled = should_compile(cfg.train.compile, device, cfg.train.zero_stage)
+    if compiled:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, cfg.optim, cfg.train.steps)
     )
     ds_config = distributed.deepspeed_config(
         micro_batch_size=micro, accum_steps=cfg.train.accum_steps, world_size=dist.world_size,
-        zero_stage=cfg.train.zero_stage, precision=cfg.train.precision, grad_clip=cfg.optim.grad_clip,
+        zero_stage=cfg.train.zero_stage, precision=precision, grad_clip=cfg.optim.grad_clip,
         log_every=cfg.train.log_every,
     )
     engine = distributed.build_engine(model, optimizer, scheduler, ds_config)
-    media_dtype = distributed.model_dtype(cfg.train.precision)
+    media_dtype = distributed.model_dtype(precision)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # each rank its own dropout stream
 
     # data and loss
@@ -368,7 +429,7 @@ def train(cfg) -> dict[str, Any]:
             "world_size": dist.world_size, "config": to_dict(cfg),
         })
 
-    mfu = mfu_figures(cfg, device, media_dtype)
+    mfu = mfu_figures(cfg, device, precision)
     stop_at = cfg.train.steps if not cfg.train.stop_after_steps else min(cfg.train.steps, step + cfg.train.stop_after_steps)
 
     from tqdm import tqdm
@@ -376,45 +437,33 @@ def train(cfg) -> dict[str, Any]:
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
     batches = _batches_forever(loader)
     last_eval: dict[str, float] = {}
-    window_start, window_samples = time.perf_counter(), 0
-    # each step's loss stays a device tensor until a log step: converting it every step would make the
-    # host wait for the GPU to finish the step, every step
-    window_losses: list[torch.Tensor] = []
-
-    def settle_losses() -> float:
-        """The global loss of the last step; fails on a non-finite loss in any step since the last call."""
-        # the mean over ranks of each rank's local rows is the loss of the global batch
-        losses = torch.cat(window_losses)
-        torch.distributed.all_reduce(losses)
-        losses = (losses / dist.world_size).tolist()
-        window_losses.clear()
-        for offset, value in enumerate(losses):
-            # fp16's dynamic loss scaling skips overflowing steps itself
-            if not math.isfinite(value) and cfg.train.precision != "fp16":
-                bad_step = step - len(losses) + 1 + offset
-                raise FloatingPointError(f"loss is {value} at step {bad_step}: lower optim.lr or check the data")
-        return losses[-1]
+    window = LogWindow(dist.world_size, precision)
+    compile_timer = CompileTimer(compiled)
+    first_step = step
 
     engine.train()
     while step < stop_at:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         if cfg.train.log_sample_keys:
             _append_keys(keys_path, step + 1, [key for batch in micro_batches for key in batch.keys])
-        loss, loss_metrics = backward_step(engine, loss_fn, micro_batches, device, media_dtype)
-        engine.step()
+        loss, loss_metrics = train_step(engine, loss_fn, micro_batches, device, media_dtype, cfg.optim.grad_clip)
         step += 1
         samples_seen += cfg.train.global_batch_size
-        window_samples += cfg.train.global_batch_size
-        window_losses.append(loss.float().reshape(1))
-        if step % cfg.train.log_every == 0 or step == stop_at:
-            global_loss = settle_losses()
-            step_metrics = _metric_values(loss_metrics)
-            elapsed = time.perf_counter() - window_start
-            samples_per_s = window_samples / max(elapsed, 1e-9)
+        window.add(step, loss, loss_metrics, cfg.train.global_batch_size)
+        if compile_timer.after_step(step - first_step):
+            # the first steps include compiling every block: report them apart, then time afresh
+            window.settle()
+            metrics_log.log({"kind": "compile", "step": step, "first_steps_s": compile_timer.first_steps_s})
+            if dist.is_main:
+                print(f"compiled: the first {compile_timer.steps} steps took {compile_timer.first_steps_s:.1f} s",
+                      flush=True)
+        elif step % cfg.train.log_every == 0 or step == stop_at:
+            global_loss, step_metrics, samples_per_s = window.settle()
             record = {
                 "step": step, "epoch": loader.epoch + loader.batches_consumed / max(len(loader), 1),
                 "samples_seen": samples_seen, "loss": global_loss, "lr": scheduler.get_last_lr()[0],
-                "logit_scale": step_metrics.get("logit_scale", float("nan")), "samples_per_s": samples_per_s, "samples_per_s_per_gpu": samples_per_s / dist.world_size,
+                "logit_scale": step_metrics.get("logit_scale", float("nan")), "samples_per_s": samples_per_s,
+                "samples_per_s_per_gpu": samples_per_s / dist.world_size,
                 **{f"loss/{k}": v for k, v in step_metrics.items() if k != "logit_scale"},
             }
             if mfu is not None:
@@ -422,15 +471,13 @@ def train(cfg) -> dict[str, Any]:
                 record["mfu"] = flops * samples_per_s / dist.world_size / peak
             metrics_log.log(record)
             bar.set_postfix(loss=f"{global_loss:.4f}", samples_s=f"{samples_per_s:.1f}")
-            window_start, window_samples = time.perf_counter(), 0
             if dist.is_main and step % (10 * cfg.train.log_every) == 0:
                 plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
         bar.update(1)
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
             last_eval = run_eval()
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < stop_at:
-            if window_losses:
-                settle_losses()  # never checkpoint a model that has diverged since the last log step
+            window.settle()  # never checkpoint a model that has diverged since the last log step
             save()
     bar.close()
     if step >= cfg.train.steps:
