@@ -57,7 +57,7 @@ bench-shards: install ## shard building samples/s vs a plain webdataset loop (1 
 bench-data: install ## loader samples/s vs open_clip's webdataset pipeline and the decode ceiling
 	$(PY) -m pipeline bench data
 
-bench-gpu: install ## ViT-B/32 bf16 samples/s, MFU, memory vs open_clip's trainer (needs a GPU)
+bench-gpu: install ## ViT-B/32 amp_bf16 samples/s, MFU, memory vs open_clip's trainer and a hand-written step (needs a GPU)
 	$(PY) -m pipeline bench gpu
 
 clean: ## remove built shards, runs and caches (keeps .venv)

@@ -1,30 +1,35 @@
-"""Training-step throughput: samples/s per GPU, step-time breakdown, peak memory and MFU, vs open_clip's trainer.
+"""Training-step throughput per GPU: samples/s, step time, MFU / HFU, peak memory, ours vs two open_clip peers.
 
-    python -m pipeline bench gpu                                   # (make bench-gpu) ViT-B-32, 224 px, bf16, batch 256
-    python -m pipeline bench gpu --batch-size 512 --grad-checkpointing --json runs/bench-gpu.json
+    python -m pipeline bench gpu --batch-size 256                  # (make bench-gpu) ViT-B-32, 224 px, amp_bf16
+    python -m pipeline bench gpu --batch-size 1024 --json runs/bench-gpu/b1024.json
+    python -m pipeline bench gpu --grad-checkpointing --compile    # ours with per-block torch.compile
     python -m pipeline bench gpu --data 'shards/laion/{00000..00099}.tar' --workers 8   # through pipeline.data
-    python -m pipeline bench gpu --find-max-batch --skip-open-clip  # largest local / GradCache contrastive batch
+    python -m pipeline bench gpu --find-max-batch --skip-open-clip --skip-handwritten  # largest batches, 300 s budget
     deepspeed --num_gpus 8 --no_local_rank --module pipeline bench gpu --skip-open-clip  # per-GPU figures, 8 ranks
     python -m pipeline bench gpu --model tiny-clip --precision fp32 --batch-size 8 --steps 5 --warmup 2  # CPU, tiny
 
-One DeepSpeed engine built exactly as training builds it (pipeline.distributed), stepped by training's own
-`pipeline.train.backward_step` (plain step, or GradCache with --accum-steps > 1), on device-resident synthetic
-batches (the step alone) or on real shards read by `pipeline.data.build_loader` (the loader included).
+One run measures, one after the other, on the same model, batch, precision and synthetic batches:
+  ours                    one DeepSpeed engine built exactly as training builds it (pipeline.distributed), stepped
+                          by training's own `pipeline.train.backward_step` (plain, or GradCache with --accum-steps);
+                          device-resident synthetic batches (the step alone) or --data shards (the loader included);
+  open_clip_train         open_clip's trainer (`open_clip_train.main --dataset-type synthetic`) as a subprocess in
+                          the peer venv that `bench data` builds; its logged batch times give its samples/s;
+  hand-written (eager, compiled)  `open_clip.create_model` + fused AdamW + autocast + ClipLoss, the few lines a
+                          user writes, eager and under torch.compile (compiled: default on CUDA, --peer-compile on).
+Each row gives samples/s per GPU, step time, MFU, HFU and peak memory, and each peer the ratio ours / peer.
+Rows are written to --json (default runs/bench-gpu.json) as each finishes, so a time-out keeps the finished
+rows; a peer that fails is recorded with its error, the others still run, and the exit status is 1.
 
-Three measurements, kept apart because measuring perturbs what is measured:
-  throughput  `--steps` steps after `--warmup`, no host synchronisation inside a step (one at each end);
+How ours is timed, three measurements kept apart because measuring perturbs what is measured:
+  throughput  `--steps` steps after `--warmup`, no host synchronisation inside the loop (one at each end);
+              the hand-written peer is timed the same way on the same batches;
   breakdown   `--breakdown-steps` more steps with every phase timed: CUDA events on GPU (one synchronisation at
               the end of each step), perf_counter around synchronised phases elsewhere. Phases: data wait,
-              forward, all-gather, loss, backward, optimizer step; the rest of the step is `other`;
-  peak        a `--peak-matmul-size`^3 matmul in the run's dtype, timed in the same process: the denominator
-              of MFU (on CPU it is the CPU's matmul rate, so the arithmetic is exercised, not the GPU's).
-MFU = model FLOPs per sample (counted from the model config: every matmul of both towers, forward x3 for
-forward + backward, + one forward for recomputation under gradient checkpointing, + one for GradCache's
-feature pass) x samples/s per GPU / peak. The contrastive logits (O(batch) per sample) are not counted.
-
-open_clip's trainer (`open_clip_train.main --dataset-type synthetic`, same model, batch, precision, workers)
-runs afterwards as a subprocess in the peer venv that `bench data` builds (webdataset 0.2.86 + pandas), and its
-logged per-window batch times give its samples/s for the side-by-side ratio; --skip-open-clip leaves it out.
+              forward, all-gather, loss, backward, gradient clipping, optimizer step; the rest is `other`;
+  peak        a `--peak-matmul-size`^3 matmul in the run's matmul dtype, timed once in the same process: the
+              denominator of MFU and HFU for every row (on CPU it is the CPU's rate: the arithmetic is exercised).
+MFU and HFU are defined in pipeline.flops: MFU counts model FLOPs (3 x forward) only, the trainer's definition;
+HFU adds the forward that gradient checkpointing recomputes and GradCache's feature pass.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -42,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +56,32 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError
+# the precision names are open_clip's (open_clip_train's --precision takes the same ones)
+from pipeline.config import PRECISIONS, ConfigError
+from pipeline.flops import (
+    MATMUL_DTYPE,
+    flops_per_sample,
+    measure_matmul_peak,
+    synchronize,
+    utilisation,
+)
 
-# open_clip is run as its users run it: fp32 master weights under autocast
-OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32"}
+DEFAULT_JSON = "runs/bench-gpu.json"
 OPEN_CLIP_LOG_LINE = re.compile(r"Batch \(t\): (?P<batch_time>[0-9.]+), [0-9.e+]+/s, [0-9.e+]+/s/gpu")
+# the rows of one run, in the order they are measured
+RUN_LABELS = {
+    "ours": "ours (DeepSpeed)",
+    "open_clip_train": "open_clip_train",
+    "handwritten_eager": "hand-written, eager",
+    "handwritten_compiled": "hand-written, compiled",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ViT-B-32", help="model name (pipeline.models.ModelConfig.name)")
-    parser.add_argument("--precision", default="bf16", choices=sorted(OPEN_CLIP_PRECISION),
-                        help="training precision (DeepSpeed bf16: bf16 weights, fp32 master copy)")
+    parser.add_argument("--precision", default="amp_bf16", choices=PRECISIONS,
+                        help="amp_bf16: fp32 master weights, bf16 autocast; amp: fp16 autocast, dynamic loss "
+                        "scaling; fp32. The same name goes to every peer")
     parser.add_argument("--batch-size", type=int, default=256, help="local micro-batch per GPU")
     parser.add_argument("--accum-steps", type=int, default=1,
                         help="GradCache micro-batches per step: the contrastive batch is batch x accum x world")
@@ -74,8 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="", help="shard URLs read through pipeline.data (default: synthetic)")
     parser.add_argument("--workers", type=int, default=8, help="loader workers (ours with --data, and open_clip's)")
     parser.add_argument("--fused-adamw", default="auto", choices=("auto", "on", "off"),
-                        help="torch's fused AdamW kernel, through optim.fused (auto/on: on with CUDA; off: never)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both towers")
+                        help="torch's fused AdamW kernel, through optim.fused (auto: training's default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours: torch.compile per transformer block (pipeline.parallelize.compile_blocks); "
+                        "open_clip_train: --torchcompile")
     parser.add_argument("--channels-last", action="store_true",
                         help="images in channels_last (only the ViT patch embedding is a convolution)")
     parser.add_argument("--peak-matmul-size", type=int, default=0,
@@ -83,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--find-max-batch", action="store_true",
                         help="search the largest local batch (with and without grad checkpointing) and the largest "
                         "GradCache contrastive batch that fit")
+    parser.add_argument("--find-max-batch-budget-s", type=float, default=300.0,
+                        help="time budget of the batch searches: when it is spent they stop and report the largest "
+                        "batches found so far")
     parser.add_argument("--batch-limit", type=int, default=0,
                         help="upper end of the batch searches (default: 131072 on GPU, 16 on CPU, where running "
                         "out of memory kills the process instead of raising)")
@@ -92,96 +119,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-open-clip", action="store_true", help="do not run open_clip's trainer")
     parser.add_argument("--open-clip-venv", default=".venv-openclip",
                         help="venv for open_clip's trainer (built by `bench data` if missing)")
+    parser.add_argument("--skip-handwritten", action="store_true", help="do not run the hand-written open_clip step")
+    parser.add_argument("--peer-compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                        help="also time the hand-written step under torch.compile (auto: on CUDA only, compiling "
+                        "on CPU is slow; --peer-compile alone: on)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="", help="also write the results to this JSON file")
-
-
-# -- model FLOPs, counted from the config ----------------------------------------------------------
-def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float = 4.0) -> int:
-    """Forward FLOPs of `layers` pre-norm blocks over `tokens` positions: the qkv, output and two MLP
-    projections (2 x tokens x in x out each), and the two attention products QK^T and AV (2 x tokens^2 x
-    width each, summed over heads). A causal mask is applied to a full product, so it is counted full."""
-    hidden = int(width * mlp_ratio)
-    projections = 2 * tokens * width * (3 * width + width + 2 * hidden)
-    attention = 2 * 2 * tokens * tokens * width
-    return layers * (projections + attention)
-
-
-def tower_flops(model_cfg) -> dict[str, int]:
-    """Forward FLOPs per sample of each tower of `model_cfg` (pipeline.models.ModelConfig)."""
-    from pipeline.models import _audio_model_configs, _image_model_config
-
-    if model_cfg.modality == "audio":
-        spec = _audio_model_configs()[model_cfg.name]
-        audio, text = spec["audio_cfg"], spec["text_cfg"]
-        embed_dim = spec["embed_dim"]
-        patches = (model_cfg.audio.n_mels // audio["patch_mels"]) * math.ceil(
-            model_cfg.audio.num_frames / audio["patch_frames"])
-        width = audio["width"]
-        media = (2 * patches * audio["patch_mels"] * audio["patch_frames"] * width
-                 + transformer_flops(patches, width, audio["layers"], audio.get("mlp_ratio", 4.0))
-                 + 2 * width * embed_dim)  # the projection of the mean-pooled token
-    else:
-        spec = _image_model_config(model_cfg.name)
-        vision, text = spec["vision_cfg"], spec["text_cfg"]
-        embed_dim = spec["embed_dim"]
-        unsupported = [key for key in ("timm_model_name", "attentional_pool") if vision.get(key)]
-        if unsupported or not isinstance(vision.get("layers", 12), int):
-            raise ConfigError(f"--model {model_cfg.name}: FLOPs are counted for plain ViT towers only "
-                              f"(this one has {unsupported or 'a ResNet'})")
-        size = vision.get("image_size", 224)
-        height, width_px = (size, size) if isinstance(size, int) else size
-        patch = vision.get("patch_size", 16)
-        grid = (height // patch) * (width_px // patch)
-        width = vision.get("width", 768)
-        media = (2 * grid * 3 * patch * patch * width  # patch embedding: a stride-p convolution
-                 + transformer_flops(grid + 1, width, vision.get("layers", 12), vision.get("mlp_ratio", 4.0))
-                 + 2 * width * embed_dim)  # projection of the class token
-    text_width = text.get("width", 512)
-    text_flops = (transformer_flops(text.get("context_length", 77), text_width, text.get("layers", 12),
-                                    text.get("mlp_ratio", 4.0))
-                  + 2 * text_width * embed_dim)  # projection of the pooled (end-of-text) token
-    return {"media": media, "text": text_flops}
-
-
-def flops_per_sample(model_cfg, grad_checkpointing: bool = False, gradcache: bool = False) -> dict[str, int]:
-    """`model`: forward x 3 (forward + backward, which costs two forwards); `executed`: what the GPU runs,
-    + one forward of recomputation with gradient checkpointing, + GradCache's no-grad feature pass."""
-    forward = sum(tower_flops(model_cfg).values())
-    passes = 3 + int(grad_checkpointing) + int(gradcache)
-    return {"forward": forward, "model": 3 * forward, "executed": passes * forward}
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of size^3 matmuls in `dtype` on `device` (the best of several: contention only slows it)."""
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    torch.matmul(a, b)  # first call: kernel selection, allocator
-    best = math.inf
-    inner = 10 if device.type == "cuda" else 1
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.matmul(a, b)
-        _synchronize(device)
-        best = min(best, (time.perf_counter() - start) / inner)
-    return 2 * size**3 / best
+    parser.add_argument("--json", default=DEFAULT_JSON, help="results file, rewritten as each row finishes")
 
 
 # -- the batch-size search ------------------------------------------------------------------------
-def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], start: int, limit: int,
+                    should_stop: Callable[[], bool] | None = None) -> int:
     """The largest n in [start, limit] with fits(n), assuming fits is monotone (true up to some n, false after):
     double from `start` until a size fails or `limit` is reached, then bisect between the last success and
-    the first failure. Returns 0 when not even `start` fits."""
+    the first failure. Returns 0 when not even `start` fits.
+
+    `should_stop` is asked before every probe but the first; when it answers True the search ends there and
+    returns the largest size that fitted so far (a lower bound of the answer)."""
     if start < 1 or limit < start:
         raise ValueError(f"need 1 <= start <= limit, got start={start}, limit={limit}")
+    stop = should_stop or (lambda: False)
     if not fits(start):
         return 0
     good = start
     bad = None
     while bad is None and good < limit:
+        if stop():
+            return good
         candidate = min(good * 2, limit)
         if fits(candidate):
             good = candidate
@@ -190,6 +154,8 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     if bad is None:
         return good
     while bad - good > 1:
+        if stop():
+            return good
         middle = (good + bad) // 2
         if fits(middle):
             good = middle
@@ -198,12 +164,20 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     return good
 
 
+class Budget:
+    """A time budget: calling it says whether the budget is spent, and `spent` remembers that it was."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self._clock = seconds, clock
+        self._deadline = clock() + seconds
+        self.spent = False
+
+    def __call__(self) -> bool:
+        self.spent = self.spent or self._clock() >= self._deadline
+        return self.spent
+
+
 # -- phase timing ----------------------------------------------------------------------------------
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class PhaseClock:
     """Exclusive time per named phase: a phase opened inside another is subtracted from the outer one.
 
@@ -236,16 +210,16 @@ class PhaseClock:
                 end.record()
                 self._pending.append((name, parent, start, end))
             else:
-                _synchronize(self.device)
+                synchronize(self.device)
                 began = time.perf_counter()
                 yield
-                _synchronize(self.device)
+                synchronize(self.device)
                 self._add(name, parent, time.perf_counter() - began)
         finally:
             self._stack.pop()
 
     def finish_step(self) -> None:
-        _synchronize(self.device)
+        synchronize(self.device)
         for name, parent, start, end in self._pending:
             self._add(name, parent, start.elapsed_time(end) / 1000.0)
         self._pending.clear()
@@ -304,10 +278,14 @@ class BenchRun:
     rank: int
     world_size: int
     optimizer_kind: str
+    grad_clip: float
 
 
-def _fused_adamw(choice: str, device: torch.device) -> bool:
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
+def bench_model_config(args):
+    from pipeline.models import ModelConfig
+
+    modality = "audio" if args.model in ("tiny-clap", "clap-base") else "image"
+    return ModelConfig(name=args.model, modality=modality, grad_checkpointing=args.grad_checkpointing)
 
 
 def build_run(args) -> BenchRun:
@@ -315,22 +293,20 @@ def build_run(args) -> BenchRun:
     from pipeline import distributed
     from pipeline.config import OptimConfig
     from pipeline.losses import LossConfig, build_loss
-    from pipeline.models import ModelConfig, build_model
+    from pipeline.models import build_model
     from pipeline.train import build_optimizer
 
-    modality = "audio" if args.model in ("tiny-clap", "clap-base") else "image"
-    model_cfg = ModelConfig(name=args.model, modality=modality, grad_checkpointing=args.grad_checkpointing)
+    model_cfg = bench_model_config(args)
     dist = distributed.init_distributed()
     torch.manual_seed(args.seed)
     model = build_model(model_cfg)
     if args.compile:
-        tower = model.clip.visual if modality == "image" else model.audio
-        text = model.clip.transformer if modality == "image" else model.text
-        tower.compile()
-        text.compile()
+        from pipeline.parallelize import compile_blocks  # only a --compile run needs it
+
+        compile_blocks(model)  # in place, on the plain model, before the engine wraps it
     optim_cfg = OptimConfig(warmup_steps=1)
-    fused = _fused_adamw(args.fused_adamw, dist.device) and dist.device.type == "cuda"
-    optimizer = build_optimizer(model, dataclasses.replace(optim_cfg, fused=fused), dist.device)
+    fused = {"auto": optim_cfg.fused, "on": True, "off": False}[args.fused_adamw]
+    optimizer = build_optimizer(model, dataclasses.replace(optim_cfg, fused=fused))
     kind = "AdamW (fused)" if fused else "AdamW"
     ds_config = distributed.deepspeed_config(
         micro_batch_size=args.batch_size, accum_steps=args.accum_steps, world_size=dist.world_size,
@@ -338,9 +314,10 @@ def build_run(args) -> BenchRun:
     )
     engine = distributed.build_engine(model, optimizer, None, ds_config)
     engine.train()
-    return BenchRun(engine=engine, loss_fn=build_loss(LossConfig(chunk_size=args.loss_chunk_size), dist.rank, dist.world_size), model_cfg=model_cfg,
-                    device=dist.device, media_dtype=distributed.model_dtype(args.precision), rank=dist.rank,
-                    world_size=dist.world_size, optimizer_kind=kind)
+    loss_fn = build_loss(LossConfig(chunk_size=args.loss_chunk_size), dist.rank, dist.world_size)
+    return BenchRun(engine=engine, loss_fn=loss_fn, model_cfg=model_cfg, device=dist.device,
+                    media_dtype=distributed.model_dtype(args.precision), rank=dist.rank,
+                    world_size=dist.world_size, optimizer_kind=kind, grad_clip=optim_cfg.grad_clip)
 
 
 def _media_shape(model_cfg) -> tuple[int, ...]:
@@ -358,21 +335,28 @@ def _context_length(model_cfg) -> int:
     return get_tokenizer(model_cfg).context_length
 
 
-def synthetic_micro_batches(run: BenchRun, batch_size: int, count: int, channels_last: bool = False) -> list:
-    """`count` distinct random micro-batches, already on the device in the model's dtype: the step alone."""
+def synthetic_batches(model_cfg, device: torch.device, media_dtype: torch.dtype, batch_size: int, count: int,
+                      rank: int = 0, channels_last: bool = False) -> list:
+    """`count` distinct random batches, already on the device in `media_dtype`: the step alone. The same
+    values for every caller with the same rank, whatever the dtype, so ours and the peers see the same data."""
     from pipeline.data import Batch
 
-    generator = torch.Generator().manual_seed(1000 + run.rank)
-    context = _context_length(run.model_cfg)
+    generator = torch.Generator().manual_seed(1000 + rank)
+    context = _context_length(model_cfg)
     batches = []
     for _ in range(count):
-        media = torch.randn(batch_size, *_media_shape(run.model_cfg), generator=generator)
-        media = media.to(device=run.device, dtype=run.media_dtype)
+        media = torch.randn(batch_size, *_media_shape(model_cfg), generator=generator)
+        media = media.to(device=device, dtype=media_dtype)
         if channels_last and media.dim() == 4:
             media = media.contiguous(memory_format=torch.channels_last)
-        tokens = torch.randint(1, 49407, (batch_size, context), generator=generator).to(run.device)
-        batches.append(Batch(media, tokens, [""] * batch_size, torch.full((batch_size,), -1, device=run.device)))
+        tokens = torch.randint(1, 49407, (batch_size, context), generator=generator).to(device)
+        batches.append(Batch(media, tokens, [""] * batch_size, torch.full((batch_size,), -1, device=device)))
     return batches
+
+
+def synthetic_micro_batches(run: BenchRun, batch_size: int, count: int, channels_last: bool = False) -> list:
+    """Our micro-batches: `synthetic_batches` in the engine's input dtype, seeded by this rank."""
+    return synthetic_batches(run.model_cfg, run.device, run.media_dtype, batch_size, count, run.rank, channels_last)
 
 
 def _batch_source(run: BenchRun, args) -> Iterator[list]:
@@ -406,24 +390,31 @@ def _batch_source(run: BenchRun, args) -> Iterator[list]:
         yield step
 
 
-def train_step(run: BenchRun, micro_batches: list, engine=None, loss_fn=None) -> torch.Tensor:
-    """One optimizer step through training's own code path; returns the loss tensor (not synchronised)."""
+def train_step(run: BenchRun, micro_batches: list, engine=None, loss_fn=None,
+               clock: PhaseClock | None = None) -> torch.Tensor:
+    """One optimizer step through training's own code path: backward_step, gradient clipping (ours at
+    ZeRO-0, DeepSpeed's inside `step` at ZeRO 1-3), engine.step. Returns the loss tensor (not synchronised)."""
+    from pipeline import distributed
     from pipeline.train import backward_step
 
     engine = engine or run.engine
     loss, _ = backward_step(engine, loss_fn or run.loss_fn, micro_batches, run.device, run.media_dtype)
+    with clock.phase("grad_clip") if clock else contextlib.nullcontext():
+        distributed.clip_gradients(run.engine, run.grad_clip)
     engine.step()
     return loss
 
 
 # -- measurements ----------------------------------------------------------------------------------
-def measure_throughput(run: BenchRun, source: Iterator[list], steps: int) -> dict[str, float]:
-    """Mean step time over `steps` steps with no synchronisation inside them."""
-    _synchronize(run.device)
+def time_steps(step: Callable[[Any], torch.Tensor], source: Iterator, steps: int,
+               device: torch.device) -> dict[str, float]:
+    """Mean seconds per `step(next(source))` over `steps` calls, with no host synchronisation between the
+    first and the last: one synchronisation before, one after. Every row of the bench is timed by this."""
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = train_step(run, next(source))
-    _synchronize(run.device)
+        loss = step(next(source))
+    synchronize(device)
     seconds = time.perf_counter() - start
     return {"step_s": seconds / steps, "final_loss": float(loss)}
 
@@ -434,15 +425,15 @@ def measure_breakdown(run: BenchRun, source: Iterator[list], steps: int) -> dict
     engine, loss_fn = _PhaseTimedEngine(run.engine, clock), _PhaseTimedLoss(run.loss_fn, clock)
     step_seconds = 0.0
     for _ in range(steps):
-        _synchronize(run.device)
+        synchronize(run.device)
         began = time.perf_counter()
         with clock.phase("data_wait", host=True):
             micro_batches = next(source)
-        train_step(run, micro_batches, engine=engine, loss_fn=loss_fn)
+        train_step(run, micro_batches, engine=engine, loss_fn=loss_fn, clock=clock)
         clock.finish_step()
         step_seconds += time.perf_counter() - began
     phases = {name: clock.totals.get(name, 0.0) / steps
-              for name in ("data_wait", "forward", "all_gather", "loss", "backward", "optimizer_step")}
+              for name in ("data_wait", "forward", "all_gather", "loss", "backward", "grad_clip", "optimizer_step")}
     phases["step"] = step_seconds / steps
     phases["other"] = phases["step"] - sum(v for k, v in phases.items() if k != "step")
     return phases
@@ -468,7 +459,7 @@ def step_fits(run: BenchRun, batch_size: int, accum_steps: int = 1) -> bool:
         # one micro-batch repeated: the same memory and work as distinct ones, without holding accum copies
         micro_batches = synthetic_micro_batches(run, batch_size, 1) * accum_steps
         train_step(run, micro_batches)
-        _synchronize(run.device)
+        synchronize(run.device)
         return True
     except RuntimeError as error:
         if not _is_out_of_memory(error):
@@ -479,16 +470,28 @@ def step_fits(run: BenchRun, batch_size: int, accum_steps: int = 1) -> bool:
         return False
 
 
-def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, budget_s: float = math.inf,
+                     progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Largest local batch without and with grad checkpointing, then the largest GradCache contrastive
-    batch on one rank (micro-batch: the largest power of two that fit with checkpointing)."""
+    batch on one rank (micro-batch: the largest power of two that fit with checkpointing).
+
+    The three searches share `budget_s` seconds. When it is spent, the search under way returns the largest
+    batch that fitted so far (a lower bound), the searches not yet started are None, and `stopped_on_budget`
+    says so."""
     from pipeline.models import ContrastiveModel
 
     model: ContrastiveModel = run.engine.module
     configured = (run.engine.train_micro_batch_size_per_gpu(), run.engine.gradient_accumulation_steps())
     checkpointing_was = model.grad_checkpointing
-    results: dict[str, Any] = {"limit": limit, "contrastive_limit": contrastive_limit}
+    budget = Budget(budget_s)
+    started = time.monotonic()
+    results: dict[str, Any] = {"limit": limit, "contrastive_limit": contrastive_limit, "budget_s": budget_s,
+                               "max_local_batch": None, "max_local_batch_checkpointing": None,
+                               "gradcache_micro_batch": None, "gradcache_accum_steps": None,
+                               "max_contrastive_batch_gradcache": None}
     for checkpointing in (False, True):
+        if budget():
+            break
         model.set_grad_checkpointing(checkpointing)
 
         def fits(batch, checkpointing=checkpointing):
@@ -498,19 +501,24 @@ def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, progress
             return ok
 
         key = "max_local_batch_checkpointing" if checkpointing else "max_local_batch"
-        results[key] = largest_fitting(fits, 1, limit)
-    micro = 2 ** int(math.log2(results["max_local_batch_checkpointing"])) if results["max_local_batch_checkpointing"] else 0
-    results["gradcache_micro_batch"] = micro
-    if micro:
-        def fits_accum(accum):
-            ok = step_fits(run, micro, accum)
-            progress(f"  GradCache {micro} x {accum} = {micro * accum} contrastive batch: "
-                     f"{'fits' if ok else 'out of memory'}")
-            return ok
+        results[key] = largest_fitting(fits, 1, limit, should_stop=budget)
+    fitted = results["max_local_batch_checkpointing"]
+    if fitted is not None and not budget():
+        micro = 2 ** int(math.log2(fitted)) if fitted else 0
+        results["gradcache_micro_batch"] = micro
+        if micro:
+            def fits_accum(accum):
+                ok = step_fits(run, micro, accum)
+                progress(f"  GradCache {micro} x {accum} = {micro * accum} contrastive batch: "
+                         f"{'fits' if ok else 'out of memory'}")
+                return ok
 
-        accum = largest_fitting(fits_accum, 1, max(1, contrastive_limit // (micro * run.world_size)))
-        results["gradcache_accum_steps"] = accum
-        results["max_contrastive_batch_gradcache"] = micro * accum * run.world_size
+            accum = largest_fitting(fits_accum, 1, max(1, contrastive_limit // (micro * run.world_size)),
+                                    should_stop=budget)
+            results["gradcache_accum_steps"] = accum
+            results["max_contrastive_batch_gradcache"] = micro * accum * run.world_size
+    results["stopped_on_budget"] = budget.spent
+    results["elapsed_s"] = time.monotonic() - started
     model.set_grad_checkpointing(checkpointing_was)
     run.engine.set_train_micro_batch_size(configured[0])
     run.engine.set_train_batch_size(configured[0] * configured[1] * run.world_size)
@@ -529,7 +537,17 @@ def host_peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-# -- open_clip's trainer ---------------------------------------------------------------------------
+def _release(device: torch.device, compiled: bool = False) -> None:
+    """Free what the previous row left behind, so the next row's peak memory is its own."""
+    if compiled:
+        torch._dynamo.reset()  # compiled graphs hold the previous model's tensors
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# -- peer 1: open_clip's trainer -------------------------------------------------------------------
 OPEN_CLIP_SCRIPT = r"""
 import json, sys
 import open_clip, torch
@@ -553,7 +571,7 @@ def open_clip_command(args, python: str, logs: str) -> list[str]:
         python, "-c", OPEN_CLIP_SCRIPT, str(MODEL_CONFIG_DIR),
         "--dataset-type", "synthetic", "--train-num-samples", str(batches * args.batch_size * args.accum_steps),
         "--model", args.model, "--batch-size", str(args.batch_size), "--accum-freq", str(args.accum_steps),
-        "--precision", OPEN_CLIP_PRECISION[args.precision], "--workers", str(args.workers),
+        "--precision", args.precision, "--workers", str(args.workers),
         "--epochs", "1", "--lr", "5e-4", "--warmup", "1", "--wd", "0.1", "--seed", str(args.seed),
         "--log-every-n-steps", str(log_every), "--save-frequency", "0", "--logs", logs, "--name", "bench",
         "--local-loss", "--gather-with-grad",
@@ -594,13 +612,140 @@ def run_open_clip(args) -> dict[str, Any]:
     for line in console.splitlines():
         if line.startswith("BENCH_RESULT "):
             figures.update(json.loads(line.removeprefix("BENCH_RESULT ")))
-    figures["precision"] = OPEN_CLIP_PRECISION[args.precision]
     return figures
+
+
+# -- peer 2: the hand-written open_clip step -------------------------------------------------------
+def handwritten_step(args, device: torch.device, compiled: bool) -> Callable[[Any], torch.Tensor]:
+    """The step a user writes around open_clip: its model in fp32, torch's AdamW (fused on CUDA), autocast
+    in the run's precision (a GradScaler for fp16), open_clip's ClipLoss. Returns step(batch) -> loss."""
+    import open_clip
+
+    from pipeline.models import register_open_clip_configs
+
+    register_open_clip_configs()  # tiny-clip and our other configs, by name
+    torch.manual_seed(args.seed)
+    model = open_clip.create_model(args.model, device=device, output_dict=True)
+    model.train()
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    # weight decay on matrices only, as open_clip_train does: the same kernels, the same work
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=5e-4, fused=device.type == "cuda")
+    loss_fn = open_clip.ClipLoss()
+    forward = torch.compile(model) if compiled else model
+    dtype = MATMUL_DTYPE[args.precision]
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "amp" else None
+
+    def autocast():
+        if args.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def step(batch) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            out = forward(batch.media, batch.tokens)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return loss.detach()
+
+    return step
+
+
+def handwritten_skip_reason(args, model_cfg) -> str | None:
+    if model_cfg.modality != "image":
+        return f"{args.model} is an audio model: open_clip has no audio tower"
+    if args.accum_steps > 1:
+        return "a plain step: it has no GradCache accumulation to compare with --accum-steps > 1"
+    return None
+
+
+def measure_handwritten(args, model_cfg, device: torch.device, compiled: bool) -> dict[str, Any]:
+    """The hand-written step timed as ours is: `--warmup` steps (compilation included), then `--steps`
+    steps with no host synchronisation in between, on the same synthetic batches (fp32: autocast casts)."""
+    batch = synthetic_batches(model_cfg, device, torch.float32, args.batch_size, 1, 0, args.channels_last)[0]
+
+    def batches():
+        while True:
+            yield batch
+
+    source = batches()
+    step = handwritten_step(args, device, compiled)
+    for _ in range(args.warmup):
+        step(next(source))
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = time_steps(step, source, args.steps, device)
+    return {**timed, "samples_per_s_per_gpu": args.batch_size / timed["step_s"],
+            "peak_memory_gb": peak_memory_gb(device)}
+
+
+# -- results ---------------------------------------------------------------------------------------
+def write_results(path: Path, result: dict[str, Any]) -> None:
+    """Rewrite the whole results file; atomic, so a kill while writing leaves the previous version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2))
+    os.replace(partial, path)
+
+
+def _cell(value, fmt: str) -> str:
+    return fmt.format(value) if value is not None else "-"
+
+
+def format_row(name: str, row: dict[str, Any]) -> str:
+    label = row.get("label", RUN_LABELS[name])
+    if "error" in row:
+        return f"{label:34}failed: {row['error'].splitlines()[0][:120]}"
+    if "skipped" in row:
+        return f"{label:34}skipped: {row['skipped']}"
+    percent = {key: row[key] * 100 if row.get(key) is not None else None for key in ("mfu", "hfu")}
+    ratio = row.get("ours_vs_this")
+    return (f"{label:34}{_cell(row['samples_per_s_per_gpu'], '{:.1f}'):>11}{_cell(row['step_s'] * 1e3, '{:.1f}'):>10}"
+            f"{_cell(percent['mfu'], '{:.2f}'):>8}{_cell(percent['hfu'], '{:.2f}'):>8}"
+            f"{_cell(row.get('peak_memory_gb'), '{:.2f}'):>10}{_cell(ratio, '{:.2f}x'):>14}")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    flops = result["flops_per_sample"]
+    lines = [f"{result['model']} {result['precision']}, local batch {result['batch_size']} x accum "
+             f"{result['accum_steps']} x {result['world_size']} ranks, {result['device']}, data: {result['data']}",
+             f"FLOPs/sample: model {flops['model'] / 1e9:.3f} G (MFU), executed {flops['executed'] / 1e9:.3f} G "
+             f"(HFU); measured matmul peak {result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak_matmul']})",
+             f"{'run':34}{'samples/s':>11}{'step ms':>10}{'MFU %':>8}{'HFU %':>8}{'peak GiB':>10}{'ours / this':>14}"]
+    lines += [format_row(name, row) for name, row in result["runs"].items()]
+    ours = result["runs"].get("ours", {})
+    if "breakdown" in ours:
+        breakdown = ours["breakdown"]
+        lines.append(f"breakdown of ours over {result['breakdown_steps']} instrumented steps (ms; step "
+                     f"{breakdown['step'] * 1e3:.2f}, slower than un-instrumented: it synchronises):")
+        lines.append("  " + "  ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in breakdown.items()
+                                      if name != "step"))
+    if "max_batch" in result:
+        found = result["max_batch"]
+        stopped = (f"; stopped on the {found['budget_s']:g} s budget: the figures are lower bounds, '-' not searched"
+                   if found["stopped_on_budget"] else "")
+        lines.append(f"largest local batch: {_cell(found['max_local_batch'], '{}')} (checkpointing: "
+                     f"{_cell(found['max_local_batch_checkpointing'], '{}')}); GradCache contrastive batch: "
+                     f"{_cell(found['max_contrastive_batch_gradcache'], '{}')} (micro "
+                     f"{_cell(found['gradcache_micro_batch'], '{}')}); search limits {found['limit']} / "
+                     f"{found['contrastive_limit']}, {found['elapsed_s']:.0f} s{stopped}")
+    return "\n".join(lines)
 
 
 # -- the command -----------------------------------------------------------------------------------
 def _validate(args) -> None:
-    for flag in ("batch_size", "accum_steps", "steps", "breakdown_steps"):
+    for flag in ("batch_size", "accum_steps", "steps", "breakdown_steps", "find_max_batch_budget_s"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("warmup", "workers", "peak_matmul_size", "batch_limit", "contrastive_limit"):
@@ -608,104 +753,111 @@ def _validate(args) -> None:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
 
 
-def format_table(result: dict[str, Any]) -> str:
-    ours, peer = result["ours"], result.get("open_clip")
-    lines = [f"{result['model']} {result['precision']}, local batch {result['batch_size']} x accum "
-             f"{result['accum_steps']} x {result['world_size']} ranks, {result['device']}, data: {result['data']}",
-             f"{'':28}{'ours':>14}" + (f"{'open_clip':>14}{'ratio':>9}" if peer else "")]
+def measure_ours(bench: BenchRun, args) -> dict[str, Any]:
+    source = _batch_source(bench, args)
+    for _ in range(args.warmup):
+        train_step(bench, next(source))
+    if bench.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(bench.device)
+    timed = time_steps(lambda micro_batches: train_step(bench, micro_batches), source, args.steps, bench.device)
+    memory = peak_memory_gb(bench.device)
+    breakdown = measure_breakdown(bench, source, args.breakdown_steps)
+    return {**timed, "samples_per_s_per_gpu": args.batch_size * args.accum_steps / timed["step_s"],
+            "peak_memory_gb": memory, "host_peak_rss_gb": host_peak_rss_gb(), "breakdown": breakdown,
+            "optimizer": bench.optimizer_kind}
 
-    def row(label, mine, theirs=None, fmt="{:.1f}"):
-        cell = fmt.format(mine) if mine is not None else "-"
-        text = f"{label:28}{cell:>14}"
-        if peer:
-            other = fmt.format(theirs) if theirs is not None else "-"
-            ratio = f"{mine / theirs:.2f}x" if mine and theirs else "-"
-            text += f"{other:>14}{ratio:>9}"
-        return text
 
-    lines.append(row("samples/s per GPU", ours["samples_per_s_per_gpu"], peer and peer["samples_per_s_per_gpu"]))
-    lines.append(row("step time (ms)", ours["step_s"] * 1e3, peer and peer["step_s"] * 1e3))
-    lines.append(row("MFU (%)", ours["mfu"] * 100, peer and peer.get("mfu", 0) * 100, "{:.2f}"))
-    lines.append(row("peak GPU memory (GiB)", ours["peak_memory_gb"], peer and peer.get("peak_memory_gb"), "{:.2f}"))
-    flops = result["flops_per_sample"]
-    lines.append(f"model FLOPs/sample {flops['model'] / 1e9:.3f} G (executed {flops['executed'] / 1e9:.3f} G); "
-                 f"measured peak {result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak_matmul']})")
-    breakdown = ours["breakdown"]
-    lines.append(f"breakdown over {result['breakdown_steps']} instrumented steps (ms; step "
-                 f"{breakdown['step'] * 1e3:.2f}, slower than un-instrumented: it synchronises):")
-    lines.append("  " + "  ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in breakdown.items()
-                                  if name != "step"))
-    if "max_batch" in result:
-        found = result["max_batch"]
-        lines.append(f"largest local batch: {found['max_local_batch']} (checkpointing: "
-                     f"{found['max_local_batch_checkpointing']}); GradCache contrastive batch: "
-                     f"{found.get('max_contrastive_batch_gradcache', 0)} (micro {found['gradcache_micro_batch']}); "
-                     f"search limits {found['limit']} / {found['contrastive_limit']}")
-    return "\n".join(lines)
+def _peer_plan(args, model_cfg, device: torch.device,
+               world_size: int) -> list[tuple[str, Callable[[], dict[str, Any]] | None, str | None]]:
+    """(row name, how to measure it, or None and why not) for each peer, in the order they run."""
+    plan: list[tuple[str, Callable[[], dict[str, Any]] | None, str | None]] = []
+    if not args.skip_open_clip:
+        plan.append(("open_clip_train", functools.partial(run_open_clip, args), None))
+    if not args.skip_handwritten:
+        why = handwritten_skip_reason(args, model_cfg)
+        compiled_too = args.peer_compile == "on" or (args.peer_compile == "auto" and device.type == "cuda")
+        for compiled in (False, True) if compiled_too else (False,):
+            measure = functools.partial(measure_handwritten, args, model_cfg, device, compiled)
+            plan.append(("handwritten_compiled" if compiled else "handwritten_eager", None if why else measure, why))
+    if world_size > 1:
+        return [(name, None, "peers run on one GPU: run this bench with one rank for them") for name, _, _ in plan]
+    return plan
 
 
 def run(args) -> int:
     _validate(args)
-    from tqdm import tqdm
-
     from pipeline import distributed
 
     bench = build_run(args)
     main = bench.rank == 0
-    on_gpu = bench.device.type == "cuda"
+    device = bench.device
+    on_gpu = device.type == "cuda"
     flops = flops_per_sample(bench.model_cfg, args.grad_checkpointing, args.accum_steps > 1)
     size = args.peak_matmul_size or (8192 if on_gpu else 1024)
-    peak = measure_matmul_peak(bench.device, bench.media_dtype, size)
-
-    source = _batch_source(bench, args)
-    for _ in tqdm(range(args.warmup), desc="warmup steps", disable=not main):
-        train_step(bench, next(source))
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats(bench.device)
-    timed = measure_throughput(bench, source, args.steps)
-    memory = peak_memory_gb(bench.device)
-    breakdown = measure_breakdown(bench, source, args.breakdown_steps)
-    samples_per_step = args.batch_size * args.accum_steps
-    ours = {
-        "step_s": timed["step_s"], "samples_per_s_per_gpu": samples_per_step / timed["step_s"],
-        "final_loss": timed["final_loss"], "peak_memory_gb": memory, "host_peak_rss_gb": host_peak_rss_gb(),
-        "breakdown": breakdown, "optimizer": bench.optimizer_kind,
-    }
-    ours["mfu"] = flops["executed"] * ours["samples_per_s_per_gpu"] / peak
-    ours["mfu_model_flops_3x"] = flops["model"] * ours["samples_per_s_per_gpu"] / peak
+    peak = measure_matmul_peak(device, MATMUL_DTYPE[args.precision], size)
+    results_path = Path(args.json)
     result: dict[str, Any] = {
         "model": args.model, "precision": args.precision, "batch_size": args.batch_size,
-        "accum_steps": args.accum_steps, "contrastive_batch": samples_per_step * bench.world_size,
+        "accum_steps": args.accum_steps, "contrastive_batch": args.batch_size * args.accum_steps * bench.world_size,
         "world_size": bench.world_size, "zero_stage": args.zero_stage,
         "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "channels_last": args.channels_last,
-        "device": torch.cuda.get_device_name(bench.device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)",
         "data": args.data or "synthetic (device-resident)", "steps": args.steps, "warmup": args.warmup,
         "breakdown_steps": args.breakdown_steps, "flops_per_sample": flops, "peak_flops": peak,
-        "peak_matmul": f"{size}^3 {str(bench.media_dtype).removeprefix('torch.')}", "ours": ours,
+        "peak_matmul": f"{size}^3 {str(MATMUL_DTYPE[args.precision]).removeprefix('torch.')}", "runs": {},
     }
+
+    def finish_row(name: str, row: dict[str, Any]) -> None:
+        """Record one row (the ratio and MFU / HFU derived here, once for all rows) and rewrite the file."""
+        row = {"label": RUN_LABELS[name], "precision": args.precision, **row}
+        if "samples_per_s_per_gpu" in row:
+            row.update(utilisation(flops, row["samples_per_s_per_gpu"], peak))
+            if name != "ours":
+                row["ours_vs_this"] = result["runs"]["ours"]["samples_per_s_per_gpu"] / row["samples_per_s_per_gpu"]
+        result["runs"][name] = row
+        if main:
+            print(format_row(name, row), flush=True)
+            write_results(results_path, result)
+
+    if main:
+        print(f"measuring ours: {args.warmup} warmup + {args.steps} timed + {args.breakdown_steps} instrumented "
+              f"steps; rows go to {results_path} as they finish", flush=True)
+    label = "ours (DeepSpeed, compiled blocks)" if args.compile else RUN_LABELS["ours"]
+    finish_row("ours", {**measure_ours(bench, args), "label": label})
     if args.find_max_batch:
         limit = args.batch_limit or (131072 if on_gpu else 16)
         contrastive_limit = args.contrastive_limit or (262144 if on_gpu else 32)
         if main:
-            print(f"searching the largest batches (local limit {limit}, contrastive limit {contrastive_limit})",
-                  flush=True)
-        result["max_batch"] = find_max_batches(bench, limit, contrastive_limit,
+            print(f"searching the largest batches (local limit {limit}, contrastive limit {contrastive_limit}, "
+                  f"budget {args.find_max_batch_budget_s:g} s)", flush=True)
+        result["max_batch"] = find_max_batches(bench, limit, contrastive_limit, args.find_max_batch_budget_s,
                                                progress=print if main else (lambda _: None))
+        if main:
+            write_results(results_path, result)
     distributed.barrier()
-    if main and not args.skip_open_clip:
-        if bench.world_size > 1:
-            print("open_clip's trainer is compared on one GPU: run this bench with one rank for the ratio")
-        else:
-            print("running open_clip's trainer on the same model, batch and precision...", flush=True)
-            peer = run_open_clip(args)
-            peer["mfu"] = flops["executed"] * peer["samples_per_s_per_gpu"] / peak
-            result["open_clip"] = peer
-            result["ratio_samples_per_s"] = ours["samples_per_s_per_gpu"] / peer["samples_per_s_per_gpu"]
+    model_cfg = bench.model_cfg
+    plan = _peer_plan(args, model_cfg, device, bench.world_size) if main else []
+    del bench  # ours' engine, optimizer state and batches: the peers' peak memory is their own
+    _release(device, compiled=args.compile)
+    failed = []
+    for name, measure, why in plan:
+        if measure is None:
+            finish_row(name, {"skipped": why})
+            continue
+        print(f"measuring {RUN_LABELS[name]} ({model_cfg.name}, batch {args.batch_size}, {args.precision})...",
+              flush=True)
+        try:
+            row = measure()
+        except Exception as error:  # one failing peer must not cost the rows of the others
+            traceback.print_exc()
+            failed.append(name)
+            row = {"error": f"{type(error).__name__}: {error}"}
+        finish_row(name, row)
+        _release(device, compiled=name == "handwritten_compiled")
     if main:
         print(format_table(result), flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
-            print(f"results: {args.json}")
+        print(f"results: {results_path}")
+        if failed:
+            print(f"failed: {', '.join(failed)} (their errors are in the table and the results file)", flush=True)
     sys.stdout.flush()
-    return 0
+    return 1 if failed else 0

@@ -8,8 +8,9 @@
 
 Record format (one JSON object per line, flushed and fsync'd on every `log`, so a crash loses
 at most the line being written):
-- every record has an integer `step` and a `kind`: `"train"` (the default when a record omits it)
-  or `"eval"`; the kind keeps the two kinds of record apart without prefixing every key;
+- every record has an integer `step` and a `kind`: `"train"` (the default when a record omits it),
+  `"eval"`, or `"compile"` (once, `first_steps_s`: the wall time of the first steps, which compile
+  under train.compile); the kind keeps the kinds of record apart without prefixing every key;
 - train records: `step`, `epoch`, `samples_seen`, `loss`, `lr`, `logit_scale`, `samples_per_s`, ...;
 - eval records: the flat dict `pipeline.evaluate.evaluate` returns (`media_to_text_R@1`,
   `chance_R@1`, `zero_shot_top1`, ...), plus `step`;
@@ -38,7 +39,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-KINDS = ("train", "eval")
+KINDS = ("train", "eval", "compile")
 
 
 def _plain(value: Any) -> Any:

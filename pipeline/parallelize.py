@@ -62,6 +62,10 @@ class CompileTimer:
         self.started = time.perf_counter()
         self.first_steps_s: float | None = None
 
+    def compiling(self, step_in_run: int) -> bool:
+        """Whether step `step_in_run` (1-based, of this invocation) is one of the first, compiling steps."""
+        return self.enabled and step_in_run <= self.steps
+
     def after_step(self, step_in_run: int) -> bool:
         """True exactly once, after the first `steps` steps of this invocation when compiling."""
         if not self.enabled or self.first_steps_s is not None or step_in_run < self.steps:

@@ -231,7 +231,7 @@ class LogWindow:
         self.steps: list[int] = []
         self.values: list[torch.Tensor] = []
         self.metric_names: list[str] = []
-        self.samples, self.started = 0, time.perf_counter()
+        self.samples, self.started, self.timed = 0, time.perf_counter(), True
         self.nonfinite_run = 0  # consecutive non-finite losses, carried across windows
 
     def add(self, step: int, loss: torch.Tensor, metrics: dict[str, Any], samples: int) -> None:
@@ -243,11 +243,15 @@ class LogWindow:
         self.values.append(torch.cat(row))
         self.samples += samples
 
-    def settle(self) -> tuple[float, dict[str, float], float]:
-        """(global loss of the last step, its metrics averaged over ranks, samples/s over the window);
+    def exclude_throughput(self) -> None:
+        """The current window's wall time is not throughput (it compiled): settle() reports None for it."""
+        self.timed = False
+
+    def settle(self) -> tuple[float, dict[str, float], float | None]:
+        """(global loss of the last step, its metrics averaged over ranks, samples/s over the window or None);
         restarts the window. The only host read of the training loop."""
         if not self.steps:
-            return float("nan"), {}, 0.0
+            return float("nan"), {}, None
         table = torch.stack(self.values)
         if torch.distributed.is_initialized() and self.world_size > 1:
             # the mean over ranks of each rank's local rows is the loss of the global batch
@@ -255,9 +259,9 @@ class LogWindow:
             table = table / self.world_size
         rows = table.tolist()
         elapsed = time.perf_counter() - self.started
-        samples_per_s = self.samples / max(elapsed, 1e-9)
+        samples_per_s = self.samples / max(elapsed, 1e-9) if self.timed else None
         steps = self.steps
-        self.steps, self.values, self.samples, self.started = [], [], 0, time.perf_counter()
+        self.steps, self.values, self.samples, self.started, self.timed = [], [], 0, time.perf_counter(), True
         for step, row in zip(steps, rows):
             if math.isfinite(row[0]):
                 self.nonfinite_run = 0
@@ -450,27 +454,28 @@ def train(cfg) -> dict[str, Any]:
         step += 1
         samples_seen += cfg.train.global_batch_size
         window.add(step, loss, loss_metrics, cfg.train.global_batch_size)
+        if compile_timer.compiling(step - first_step):
+            window.exclude_throughput()  # compiling every block: this time is reported apart, not as throughput
         if compile_timer.after_step(step - first_step):
-            # the first steps include compiling every block: report them apart, then time afresh
-            window.settle()
             metrics_log.log({"kind": "compile", "step": step, "first_steps_s": compile_timer.first_steps_s})
             if dist.is_main:
                 print(f"compiled: the first {compile_timer.steps} steps took {compile_timer.first_steps_s:.1f} s",
                       flush=True)
-        elif step % cfg.train.log_every == 0 or step == stop_at:
+        if step % cfg.train.log_every == 0 or step == stop_at:
             global_loss, step_metrics, samples_per_s = window.settle()
             record = {
                 "step": step, "epoch": loader.epoch + loader.batches_consumed / max(len(loader), 1),
                 "samples_seen": samples_seen, "loss": global_loss, "lr": scheduler.get_last_lr()[0],
-                "logit_scale": step_metrics.get("logit_scale", float("nan")), "samples_per_s": samples_per_s,
-                "samples_per_s_per_gpu": samples_per_s / dist.world_size,
+                "logit_scale": step_metrics.get("logit_scale", float("nan")),
                 **{f"loss/{k}": v for k, v in step_metrics.items() if k != "logit_scale"},
             }
-            if mfu is not None:
+            if samples_per_s is not None:  # None for a window that compiled
+                record.update(samples_per_s=samples_per_s, samples_per_s_per_gpu=samples_per_s / dist.world_size)
+            if mfu is not None and samples_per_s is not None:
                 flops, peak = mfu
                 record["mfu"] = flops * samples_per_s / dist.world_size / peak
             metrics_log.log(record)
-            bar.set_postfix(loss=f"{global_loss:.4f}", samples_s=f"{samples_per_s:.1f}")
+            bar.set_postfix(loss=f"{global_loss:.4f}", samples_s=f"{samples_per_s or 0:.1f}")
             if dist.is_main and step % (10 * cfg.train.log_every) == 0:
                 plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
         bar.update(1)

@@ -1,12 +1,15 @@
-"""The GPU throughput harness, run on CPU so it never rots: the FLOP count, the batch search, the command itself.
+"""The GPU throughput harness, run on CPU so it never rots: the FLOP count, MFU / HFU, the batch search,
+the peers, the command itself.
 
 The figures it prints on CPU are not GPU figures; what is checked here is that the harness measures
-consistently (the breakdown adds up to the step, MFU is a fraction, the searches end where they must).
+consistently (the breakdown adds up to the step, MFU and HFU follow pipeline.flops' definitions, the
+searches end where they must, finished rows survive a later row's failure or a kill).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench_gpu import flops_per_sample, largest_fitting, tower_flops, transformer_flops
+from pipeline.bench_gpu import Budget, largest_fitting
+from pipeline.flops import flops_per_sample, tower_flops, transformer_flops, utilisation
 from pipeline.models import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +68,18 @@ def test_flop_count_agrees_with_torchs_flop_counter_on_the_real_model():
     assert counter.get_total_flops() == batch * flops_per_sample(cfg)["forward"]
 
 
+def test_mfu_counts_model_flops_and_hfu_what_is_executed():
+    cfg = ModelConfig(name="tiny-clip")
+    forward = flops_per_sample(cfg)["forward"]
+    plain = utilisation(flops_per_sample(cfg), samples_per_s_per_gpu=100.0, peak_flops=1e12)
+    assert plain["mfu"] == pytest.approx(3 * forward * 100.0 / 1e12) and plain["hfu"] == plain["mfu"]
+    # recomputation is work the device does, not work the model needs: HFU rises, MFU does not
+    checkpointed = utilisation(flops_per_sample(cfg, grad_checkpointing=True), 100.0, 1e12)
+    assert checkpointed["mfu"] == plain["mfu"] and checkpointed["hfu"] == pytest.approx(4 / 3 * plain["mfu"])
+    both = utilisation(flops_per_sample(cfg, grad_checkpointing=True, gradcache=True), 100.0, 1e12)
+    assert both["mfu"] == plain["mfu"] and both["hfu"] == pytest.approx(5 / 3 * plain["mfu"])
+
+
 @pytest.mark.parametrize("largest", [1, 2, 3, 7, 8, 100, 1000, 65536])
 @pytest.mark.parametrize("limit", [8, 1000, 131072])
 def test_largest_fitting_finds_the_boundary_in_logarithmic_probes(largest, limit):
@@ -85,34 +101,79 @@ def test_largest_fitting_when_nothing_fits_and_bad_bounds():
         largest_fitting(lambda n: True, 0, 8)
 
 
-def _bench(tmp_path: Path, *flags: str) -> dict:
+@pytest.mark.parametrize("allowed_probes", [1, 2, 5, 9])
+def test_largest_fitting_stops_when_told_and_returns_the_best_so_far(allowed_probes):
+    probes = []
+
+    def fits(n):
+        probes.append(n)
+        return n <= 100
+
+    found = largest_fitting(fits, 1, 1000, should_stop=lambda: len(probes) >= allowed_probes)
+    assert len(probes) == allowed_probes  # the first probe always runs; none after the stop
+    assert found == max(n for n in probes if n <= 100)  # the largest that fitted: a lower bound
+    assert largest_fitting(fits, 1, 1000, should_stop=lambda: False) == 100
+
+
+def test_budget_is_spent_at_its_deadline_and_stays_spent():
+    now = [0.0]
+    budget = Budget(10.0, clock=lambda: now[0])
+    assert not budget() and not budget.spent
+    now[0] = 9.9
+    assert not budget()
+    now[0] = 10.0
+    assert budget() and budget.spent
+    now[0] = 0.0  # a clock that went back does not unspend it
+    assert budget()
+
+
+def _bench(tmp_path: Path, *flags: str, returncode: int = 0) -> tuple[dict, str]:
+    """Run the command on tiny-clip; returns the results file and the output."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "pipeline", "bench", "gpu", "--model", "tiny-clip", "--batch-size", "4",
                "--steps", "3", "--warmup", "1", "--breakdown-steps", "2", "--peak-matmul-size", "512",
                "--json", str(out), *flags]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240,
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "samples/s per GPU" in result.stdout
-    return json.loads(out.read_text())
+    assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def _fake_open_clip_venv(tmp_path: Path, script: str) -> Path:
+    """A peer venv marked ready whose `python` runs `script` (sh) instead of open_clip's trainer."""
+    venv = tmp_path / "fake-openclip"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text("#!/bin/sh\n" + script + "\n")
+    python.chmod(0o755)
+    (venv / ".bench-ready").touch()
+    return venv
+
+
+def _assert_utilisation(row: dict, result: dict) -> None:
+    flops, peak = result["flops_per_sample"], result["peak_flops"]
+    assert row["mfu"] == pytest.approx(flops["model"] * row["samples_per_s_per_gpu"] / peak)
+    assert row["hfu"] == pytest.approx(flops["executed"] * row["samples_per_s_per_gpu"] / peak)
 
 
 @pytest.mark.slow
 def test_bench_on_a_tiny_model_reports_consistent_figures(tmp_path):
-    result = _bench(tmp_path, "--skip-open-clip", "--find-max-batch", "--batch-limit", "4",
-                    "--contrastive-limit", "16")
-    ours = result["ours"]
-    assert result["precision"] == "bf16" and result["model"] == "tiny-clip"
+    result, stdout = _bench(tmp_path, "--precision", "fp32", "--skip-open-clip", "--find-max-batch",
+                            "--batch-limit", "4", "--contrastive-limit", "16")
+    assert "samples/s" in stdout and "hand-written, eager" in stdout
+    assert result["precision"] == "fp32" and result["model"] == "tiny-clip"
+    assert list(result["runs"]) == ["ours", "handwritten_eager"]  # compiled: CUDA only unless --peer-compile
+    ours = result["runs"]["ours"]
     assert ours["samples_per_s_per_gpu"] > 0 and ours["step_s"] > 0
     assert ours["samples_per_s_per_gpu"] == pytest.approx(4 / ours["step_s"])
     assert 0 < ours["mfu"] <= 1
-    assert ours["mfu"] == pytest.approx(result["flops_per_sample"]["executed"] * ours["samples_per_s_per_gpu"]
-                                        / result["peak_flops"])
+    _assert_utilisation(ours, result)
+    assert ours["hfu"] == ours["mfu"]  # a plain step recomputes nothing
     assert ours["peak_memory_gb"] is None and ours["host_peak_rss_gb"] > 0  # no GPU here
     assert torch.isfinite(torch.tensor(ours["final_loss"]))
 
     breakdown = ours["breakdown"]
-    for phase in ("forward", "loss", "backward", "optimizer_step"):
+    for phase in ("forward", "loss", "backward", "grad_clip", "optimizer_step"):
         assert breakdown[phase] > 0, phase
     named = sum(v for k, v in breakdown.items() if k not in ("step", "other"))
     assert named == pytest.approx(breakdown["step"], rel=0.1), breakdown
@@ -122,15 +183,71 @@ def test_bench_on_a_tiny_model_reports_consistent_figures(tmp_path):
     assert found["max_local_batch"] == 4 and found["max_local_batch_checkpointing"] == 4  # the limit: no OOM on CPU
     assert found["gradcache_micro_batch"] == 4 and found["gradcache_accum_steps"] == 4
     assert found["max_contrastive_batch_gradcache"] == 16
+    assert found["stopped_on_budget"] is False and found["budget_s"] == 300
+
+    # the hand-written open_clip step: same batch, same timing, same definitions
+    peer = result["runs"]["handwritten_eager"]
+    assert math.isfinite(peer["samples_per_s_per_gpu"]) and peer["samples_per_s_per_gpu"] > 0
+    assert peer["samples_per_s_per_gpu"] == pytest.approx(4 / peer["step_s"])
+    assert math.isfinite(peer["final_loss"]) and peer["precision"] == "fp32"
+    assert 0 < peer["mfu"] <= 1
+    _assert_utilisation(peer, result)
+    assert peer["ours_vs_this"] == pytest.approx(ours["samples_per_s_per_gpu"] / peer["samples_per_s_per_gpu"])
+
+
+@pytest.mark.slow
+def test_default_precision_is_amp_bf16_for_ours_and_the_peer(tmp_path):
+    result, _ = _bench(tmp_path, "--skip-open-clip")
+    assert result["precision"] == "amp_bf16"
+    assert result["peak_matmul"] == "512^3 bfloat16"  # the peak is measured in the dtype the matmuls run in
+    for name in ("ours", "handwritten_eager"):
+        row = result["runs"][name]
+        assert row["precision"] == "amp_bf16" and math.isfinite(row["final_loss"]), name
+        assert row["samples_per_s_per_gpu"] > 0, name
+        _assert_utilisation(row, result)
+
+
+@pytest.mark.slow
+def test_finished_rows_survive_a_kill_and_the_batch_search_stops_on_its_budget(tmp_path):
+    # the open_clip peer's "python" kills the bench (as a time-out would) while that row runs: the rows and
+    # the batch search finished before it must already be in the results file
+    venv = _fake_open_clip_venv(tmp_path, "kill -KILL $PPID")
+    result, _ = _bench(tmp_path, "--precision", "fp32", "--grad-checkpointing", "--open-clip-venv", str(venv),
+                       "--find-max-batch", "--find-max-batch-budget-s", "0.01", returncode=-9)
+    assert list(result["runs"]) == ["ours"]
+    ours = result["runs"]["ours"]
+    assert ours["samples_per_s_per_gpu"] > 0
+    _assert_utilisation(ours, result)
+    # checkpointing recomputes one forward: executed 4 forwards, model 3
+    assert result["flops_per_sample"]["executed"] == 4 * result["flops_per_sample"]["forward"]
+    assert ours["hfu"] > ours["mfu"] and ours["hfu"] == pytest.approx(4 / 3 * ours["mfu"])
+
+    found = result["max_batch"]
+    # one probe (batch 1) outlasts 10 ms: the search stops after it with what it found
+    assert found["stopped_on_budget"] is True and found["max_local_batch"] == 1
+    assert found["max_local_batch_checkpointing"] is None and found["max_contrastive_batch_gradcache"] is None
+
+
+@pytest.mark.slow
+def test_a_failing_peer_is_recorded_and_the_rows_after_it_still_run(tmp_path):
+    venv = _fake_open_clip_venv(tmp_path, "echo 'no GPU for you' >&2; exit 3")
+    result, stdout = _bench(tmp_path, "--precision", "fp32", "--open-clip-venv", str(venv), returncode=1)
+    assert list(result["runs"]) == ["ours", "open_clip_train", "handwritten_eager"]
+    failed = result["runs"]["open_clip_train"]
+    assert "exit 3" in failed["error"] and "no GPU for you" in failed["error"]
+    assert "samples_per_s_per_gpu" not in failed
+    assert result["runs"]["handwritten_eager"]["samples_per_s_per_gpu"] > 0
+    assert "failed: open_clip_train" in stdout
 
 
 @pytest.mark.slow
 def test_open_clip_trainer_runs_side_by_side(tmp_path):
     if not (REPO / ".venv-openclip" / ".bench-ready").exists():
         pytest.skip("the open_clip peer venv is built by `python -m pipeline bench data` (needs the package index)")
-    result = _bench(tmp_path, "--precision", "fp32", "--workers", "1")
-    peer = result["open_clip"]
+    result, _ = _bench(tmp_path, "--precision", "fp32", "--workers", "1", "--skip-handwritten")
+    peer = result["runs"]["open_clip_train"]
     assert peer["samples_per_s_per_gpu"] > 0 and peer["windows"] >= 1
     assert 0 < peer["mfu"] <= 1
-    assert result["ratio_samples_per_s"] == pytest.approx(
-        result["ours"]["samples_per_s_per_gpu"] / peer["samples_per_s_per_gpu"])
+    _assert_utilisation(peer, result)
+    assert peer["ours_vs_this"] == pytest.approx(
+        result["runs"]["ours"]["samples_per_s_per_gpu"] / peer["samples_per_s_per_gpu"])

@@ -216,21 +216,36 @@ def test_amp_bf16_resume_is_bit_exact(tmp_path):
 
 
 # -- compile -------------------------------------------------------------------------------------
-def _compiled_losses(rank, world_size, compile_blocks, grad_checkpointing):
-    from pipeline import distributed
+def _train_records(rank, world_size, overrides):
+    from pipeline.train import load_run_config, train
 
-    distributed.init_distributed(120)
-    from torch._dynamo.utils import counters
-
-    engine, loss_fn = _engine(rank, world_size, compile_blocks=compile_blocks, grad_checkpointing=grad_checkpointing)
-    losses = [float(_step(engine, loss_fn, _micro_batches(rank, step, 1, 4))[0]) for step in range(3)]
-    return losses, counters["stats"]["unique_graphs"]
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"), overrides)
+    train(cfg)
+    return read_metrics(Path(cfg.train.output_dir) / cfg.train.name / "metrics.jsonl")
 
 
 @pytest.mark.slow
-def test_compiled_blocks_give_the_eager_losses():
-    eager, eager_graphs = run_ranks(_compiled_losses, 1, False, True, timeout=600)[0]
-    compiled, graphs = run_ranks(_compiled_losses, 1, True, True, timeout=900)[0]
-    assert eager_graphs == 0 and graphs >= 1, (eager_graphs, graphs)  # the blocks really ran compiled
+def test_compiled_blocks_give_the_eager_losses(tmp_path):
+    shards = tmp_path / "shards"
+    build_shards(BuildConfig(source="shapes", split="train", output=str(shards), count=64, samples_per_shard=32),
+                 progress=False)
+
+    def overrides(name, compile_setting):
+        return ["model.name=tiny-clip", "model.grad_checkpointing=true", f"data.train_urls={shards}",
+                "data.val_urls=", "data.workers=0", f"train.output_dir={tmp_path}", f"train.name={name}",
+                "train.steps=4", "train.global_batch_size=8", "train.log_every=1", f"train.compile={compile_setting}",
+                "optim.lr=2e-3", "optim.warmup_steps=1"]
+
+    eager = run_ranks(_train_records, 1, overrides("eager", "off"), timeout=600)[0]
+    compiled = run_ranks(_train_records, 1, overrides("compiled", "on"), timeout=900)[0]
+    assert not [r for r in eager if r["kind"] == "compile"]
+    # the first 2 steps compile: their time is one record apart, and their records carry no throughput
+    [timing] = [r for r in compiled if r["kind"] == "compile"]
+    assert timing["step"] == 2 and timing["first_steps_s"] > 0
+    timed = {r["step"] for r in compiled if r["kind"] == "train" and "samples_per_s" in r}
+    assert timed == {3, 4}, timed
+    eager_losses = {r["step"]: r["loss"] for r in eager if r["kind"] == "train"}
+    compiled_losses = {r["step"]: r["loss"] for r in compiled if r["kind"] == "train"}
+    assert sorted(compiled_losses) == sorted(eager_losses) == [1, 2, 3, 4]
     # inductor fuses and reorders fp32 reductions: equal to float rounding, not bit for bit
-    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    assert list(compiled_losses.values()) == pytest.approx(list(eager_losses.values()), rel=1e-4, abs=1e-5)
