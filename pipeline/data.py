@@ -4,17 +4,20 @@
                           media_transform=media_transform(cfg.model, True), tokenizer=get_tokenizer(cfg.model))
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
-        for batch in loader:          # Batch(media, tokens, keys, labels)
-            ...
+        for batch in loader:          # Batch(media, tokens, keys, labels, valid)
+            ...                       # rows with valid False hold no real sample: outputs["valid"] = batch.valid
         state = loader.state_dict()   # (epoch, batches consumed, ...): saved with the checkpoint
+        stats = sum_stats_across_ranks(loader.stats)  # counters of every rank (a collective: all ranks call it)
 
 How an epoch is laid out (epoch mode, the default). Every rank has `workers` DataLoader workers; each
 rank x worker pair reads one *stream*, S = world_size x max(workers, 1) streams in all.
   1. The shards are permuted by (seed, epoch) and laid end to end as one sample sequence, the shard
      sizes coming from sizes.json (or img2dataset's *_stats.json, or a count of the tar).
-  2. The sequence is cut into S contiguous ranges of the same whole number of batches. The remainder,
-     fewer than S x batch_size samples at the end of the permuted sequence, is not read this epoch
-     (the permutation changes every epoch, so a different tail is dropped each time).
+  2. The sequence, read as a circle starting at offset epoch x R, is cut into S contiguous ranges of
+     the same whole number of batches. The remainder, R < S x batch_size samples after the last range,
+     is not read this epoch (counted as `samples_remainder`). The start moves by R every epoch, so the
+     dropped stretches of consecutive epochs do not overlap: even with one shard (no permutation to
+     vary the order) a sample is dropped at most once in any floor(total / R) consecutive epochs.
      A range may start and end in the middle of a shard, so fewer shards than streams works; the
      loader fails at start only when the data set holds fewer than S x batch_size samples.
   3. Each stream passes its samples through a shuffle buffer seeded by (seed, epoch, stream). The
@@ -30,22 +33,30 @@ Resampled mode (`resampled: true`) draws shards with replacement, sources mixed 
 RNG seeded by (seed, epoch, stream); each stream takes `epoch_samples / S` samples (whole batches) of
 the drawn shards and the rest works as above: resume regenerates the draws without reading.
 
-Bad data. A sample with corrupt media, no caption or no media, or lost in a truncated tar or a shard
-that still fails after `retries` attempts with exponential backoff, is skipped, counted by reason in
-`loader.stats` and logged with shard and key. Its slot in the batch is filled with a copy of a good
-sample of the same batch (or, when the whole batch is bad, of the nearest earlier batch of the same
-stream that has one, else the nearest later one), counted as `samples_filled`: every rank yields
-exactly `len(loader)` full batches and the fill is the same after a resume.
+Bad data. A sample is skipped, counted by reason in `loader.stats` (skipped_<reason>) and logged with
+shard and key when its media is corrupt or absent, its caption is empty or not UTF-8, or it is lost
+with its shard: a truncated tar, a tar holding fewer samples than listed (one warning per shard names
+both counts), a shard that is not there (not retried: one line names the URL), or one that still fails
+after its retries (exponential backoff capped at 30 s, bounded by `retries` and `retry_max_s`; a read
+that delivers nothing for `read_timeout_s` fails naming the shard). At start, shards listed in
+sizes.json but absent from their directory are named in one warning with the samples they hold.
+A skipped sample's slot holds no real sample: `Batch.valid` is False there (key "", label -1), and the
+loss leaves the row out (a copy would be a false negative of its original). The row still repeats a
+real sample's tensors (of the same batch, or when the whole batch is bad, of the nearest earlier batch
+of the same stream that has one, else the nearest later one, else of another stream), so every rank
+yields exactly `len(loader)` full batches of fixed shapes; such slots are counted as `samples_filled`,
+and they are the same after a resume. `sum_stats_across_ranks` adds up every counter over the ranks.
 
 Eval loaders (`train=False`) read every sample exactly once, in shard order, without shuffling or
 dropping: the sequence is cut into S nearly equal ranges and every stream yields the same number of
-full batches, the slots past the end of its range (and those of bad samples) being padding: a copy of
-a real sample with key "" and label -1. Evaluation must ignore rows whose key is "".
+full batches, the slots past the end of its range (and those of bad samples) being padding, marked as
+above (valid False, key "", label -1). Evaluation must ignore those rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -53,9 +64,12 @@ import logging
 import math
 import os
 import posixpath
+import queue
 import random
+import signal
 import subprocess
 import tarfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -106,10 +120,18 @@ class DataConfig:
     when present, else the .txt."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec for remote URLs, e.g. {'endpoint_url': 'http://127.0.0.1:9000', 'anon': false}."""
-    retries: int = 3
-    """Attempts after the first to open or read a shard that fails, before it is skipped and counted."""
+    retries: int = 10
+    """Most retries of a shard that fails to open or read (a transient error: network, server, a stalled
+    read), before it is skipped and counted. A shard that is not there (FileNotFoundError, S3 NoSuchKey,
+    HTTP 404) is not retried."""
+    retry_max_s: float = 180.0
+    """Most seconds a failing shard is retried for, from the start of its first failing attempt; with
+    `retries` (whichever ends first) this rides out a storage outage of a minute or two."""
     retry_backoff: float = 1.0
-    """Seconds before the first retry, doubled at each further one."""
+    """Seconds before the first retry, doubled at each further one up to 30 s between tries."""
+    read_timeout_s: float = 120.0
+    """Seconds a shard's stream may deliver no byte before the read fails naming the shard (then it is
+    retried like any failure); 0 disables the timeout (and the reader thread that enforces it)."""
     worker_timeout: float = 600.0
     """Seconds a worker may take to produce one batch before the loader fails instead of hanging."""
 
@@ -121,7 +143,7 @@ class DataConfig:
         for key in ("batch_size",):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
-        for key in ("workers", "shuffle_buffer", "epoch_samples", "retries"):
+        for key in ("workers", "shuffle_buffer", "epoch_samples", "retries", "retry_max_s", "read_timeout_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if self.retry_backoff < 0 or self.worker_timeout <= 0:
@@ -147,9 +169,14 @@ class Batch(NamedTuple):
     tokens: torch.Tensor
     """long [B, context]."""
     keys: list[str]
-    """Sample keys ('' marks eval padding)."""
+    """Sample keys; '' where a slot holds no real sample (see `valid`)."""
     labels: torch.Tensor
-    """long [B]; -1 where a sample has no label."""
+    """long [B]; -1 where a sample has no label or a slot no real sample."""
+    valid: torch.Tensor | None = None
+    """bool [B]: False where a slot holds no real sample (a bad or lost sample's slot in training, eval
+    padding): its row repeats a real sample of the batch only so that shapes stay fixed, and must take no
+    part in the loss (outputs["valid"], see pipeline.losses) nor in evaluation. The loader always sets it;
+    None (a Batch built by hand) means every slot is real."""
 
 
 # ----------------------------------------------------------------------------------------- URLs
@@ -202,7 +229,8 @@ def _read_json(url: str, storage_options: dict) -> Any | None:
 def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None) -> dict[str, int]:
     """Sample count of every shard: from the directory's sizes.json (open_clip's form), else the shard's
     img2dataset-style *_stats.json ('successes'), else by counting the samples in the tar (which reads
-    it once; a 'pipe:' URL runs its command for that)."""
+    it once; a 'pipe:' URL runs its command for that). A counted tar that is damaged counts the samples
+    before the damage, and one that is not there counts 0, each with a warning naming it."""
     storage_options = storage_options or {}
     shard_urls = [url for source in expand_urls(urls, storage_options) for url in source]
     sizes: dict[str, int] = {}
@@ -228,48 +256,271 @@ def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None)
         from tqdm import tqdm
 
         cfg = DataConfig(allow_pipe=True, storage_options=storage_options)
+        not_found = []
         for url in tqdm(uncounted, desc="counting samples in shards without sizes.json", unit="shard"):
-            with open_shard(url, cfg) as stream:
-                sizes[url] = sum(1 for _ in _iter_tar_samples(stream, lambda index: False))
+            sizes[url] = _count_samples(url, cfg, not_found)
+        if len(not_found) == len(shard_urls):
+            raise FileNotFoundError(f"none of the {len(shard_urls)} shards of '{urls}' exists (first: {not_found[0]})")
     return {url: sizes[url] for url in shard_urls}
 
 
+def _count_samples(url: str, cfg: DataConfig, not_found: list[str]) -> int:
+    """Samples of a tar without listed size; reading tolerates damage (the samples before it count)."""
+    count = 0
+    try:
+        with open_shard(url, cfg) as stream:
+            # every member read (not skipped): tarfile notices a member cut short only when reading it
+            for _ in _iter_tar_samples(stream, lambda index: True):
+                count += 1
+    except (tarfile.TarError, EOFError) as error:
+        log.warning("shard %s is damaged after %d complete samples (%s): counted as %d samples", url, count,
+                    error, count)
+    except FileNotFoundError as error:
+        if not _is_not_found(error):
+            raise
+        not_found.append(url)
+        log.warning("shard %s not found (%s): left out", url, error)
+        return 0
+    return count
+
+
+def missing_listed_shards(urls: str | list[str], storage_options: dict | None = None,
+                          sizes: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Shards listed in a sizes.json but absent, found by one listing per directory (local, or remote
+    where listing is cheap: object stores, not http; a listing that fails checks nothing):
+
+    (left_out, absent): `left_out`, (url, listed size) of shards in the sizes.json of a data set
+    directory given as a source but not in the directory, so not part of the data set; `absent`,
+    (url, size) of URLs of the given list (brace form) whose shard is not there."""
+    storage_options = storage_options or {}
+    left_out: list[tuple[str, int]] = []
+    absent: list[tuple[str, int]] = []
+    listings: dict[str, set[str] | None] = {}
+
+    def names_in(directory: str) -> set[str] | None:
+        if directory not in listings:
+            listings[directory] = _list_names(directory, storage_options)
+        return listings[directory]
+
+    for source in _source_list(urls):
+        if source.startswith("pipe:"):
+            continue
+        if source.endswith(".tar") or "{" in source:  # a URL list: check those the listing lacks
+            for url in braceexpand.braceexpand(source):
+                present = names_in(posixpath.dirname(url))
+                if present is not None and _shard_name(url) not in present:
+                    absent.append((url, (sizes or {}).get(url, 0)))
+            continue
+        listed = _read_json(posixpath.join(source.rstrip("/"), "sizes.json"), storage_options) or {}
+        present = names_in(source.rstrip("/"))
+        if present is None:
+            continue
+        left_out += [(posixpath.join(source.rstrip("/"), name), int(size)) for name, size in sorted(listed.items())
+                     if name not in present]
+    return left_out, absent
+
+
+def _list_names(directory: str, storage_options: dict) -> set[str] | None:
+    """Base names of the files in a directory or under a prefix; None where listing is not cheap or fails."""
+    if directory.startswith(("http://", "https://")):
+        return None
+    try:
+        if _is_local(directory):
+            return set(os.listdir(directory.removeprefix("file://") or "."))
+        fs, path = fsspec.core.url_to_fs(directory, **storage_options)
+        fs.invalidate_cache(path)  # a listing cached earlier in this process may predate a deletion
+        return {posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False)}
+    except Exception as error:  # no permission to list, a store without listing: nothing to compare
+        log.debug("cannot list %s (%s): shards listed in sizes.json are not checked there", directory, error)
+        return None
+
+
+def _warn_missing(left_out: list[tuple[str, int]], absent: list[tuple[str, int]]) -> None:
+    for shards, what in ((left_out, "are not in their directory: left out of the data set"),
+                         (absent, "are not there: their samples are skipped every epoch (slots marked invalid)")):
+        if shards:
+            names = ", ".join(url for url, _ in shards[:10]) + (f" and {len(shards) - 10} more" if len(shards) > 10 else "")
+            log.warning("%d shards listed in sizes.json holding %d samples %s: %s", len(shards),
+                        sum(size for _, size in shards), what, names)
+
+
 # --------------------------------------------------------------------------------- shard reading
+
+READ_CHUNK = 1 << 20  # bytes per read of a shard stream (the reader thread stays at most 4 ahead)
+RETRY_BACKOFF_CAP = 30.0  # seconds between two tries of a failing shard, at most
+
+
+class ShardReadTimeout(TimeoutError):
+    """A shard's stream delivered no byte for data.read_timeout_s (a stalled store or connection)."""
+
+    def __init__(self, url: str, timeout: float):
+        super().__init__(f"shard {url} delivered no data for {timeout:g} s (data.read_timeout_s)")
+        self.timeout = timeout
+
+
+class _TimedStream:
+    """Reads a shard's chunks on a helper thread and hands them to `read()`, which fails with
+    ShardReadTimeout naming the shard when nothing arrives for `timeout` seconds: a stalled read
+    cannot block a worker until the DataLoader's own timeout, which names nothing. The thread also
+    reads ahead while the caller decodes. `chunks()` yields bytes, or None to say it is still busy
+    (downloading to the cache); its exceptions reach the caller unchanged."""
+
+    _END = object()
+
+    def __init__(self, url: str, chunks: Callable[[], Iterator[bytes | None]], timeout: float):
+        self.url, self.timeout = url, timeout
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.stopped = threading.Event()
+        self.buffer, self.offset, self.ended = b"", 0, False
+        self.thread = threading.Thread(target=self._pump, args=(chunks,), daemon=True, name=f"read {url}")
+        self.thread.start()
+
+    def _pump(self, chunks) -> None:
+        source = chunks()
+        try:
+            for chunk in source:
+                if not self._put(chunk):
+                    return
+            self._put(self._END)
+        except BaseException as error:  # handed to the reader, which raises it
+            self._put(error)
+        finally:
+            with contextlib.suppress(Exception):  # closing after a failure may fail too: nobody to tell
+                source.close()
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _next_chunk(self) -> bytes | None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                item = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                self.ended = True
+                raise ShardReadTimeout(self.url, self.timeout) from None
+            if item is None:  # still busy, not stalled
+                deadline = time.monotonic() + self.timeout
+                continue
+            if item is self._END:
+                self.ended = True
+                return None
+            if isinstance(item, BaseException):
+                self.ended = True
+                raise item
+            return item
+
+    def read(self, size: int = -1) -> bytes:
+        parts, wanted = [], size
+        while size < 0 or wanted > 0:
+            if self.offset >= len(self.buffer):
+                chunk = None if self.ended else self._next_chunk()
+                if chunk is None:
+                    break
+                self.buffer, self.offset = chunk, 0
+            stop = len(self.buffer) if size < 0 else min(len(self.buffer), self.offset + wanted)
+            parts.append(self.buffer[self.offset : stop])
+            wanted -= stop - self.offset
+            self.offset = stop
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (so that no reader thread outlives its shard, e.g. into a fork),
+        unless it is blocked in a stalled read: that one is left to end when the read fails."""
+        self.stopped.set()
+        with contextlib.suppress(queue.Empty):
+            while True:  # a thread waiting to hand over a chunk sees the stop at once
+                self.queue.get_nowait()
+        self.thread.join(timeout=1.0)
 
 
 @contextlib.contextmanager
 def open_shard(url: str, cfg: DataConfig):
     """Binary stream of a shard on any fsspec protocol, a 'pipe:' command (when allowed), or the
-    local cache copy of a remote shard."""
+    local cache copy of a remote shard; with data.read_timeout_s > 0 a read that stalls that long
+    raises ShardReadTimeout naming the shard."""
+    timeout = cfg.read_timeout_s
     if url.startswith("pipe:"):
         if not cfg.allow_pipe:
             raise ConfigError(f"shard URL '{url}' runs a shell command; set data.allow_pipe=true to allow it")
-        process = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE)
+        # its own process group: stopping early kills the shell's children too, which hold the pipe open
+        process = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        stream = _TimedStream(url, lambda: _pipe_chunks(process.stdout), timeout) if timeout else process.stdout
         try:
-            yield process.stdout
+            yield stream
         finally:
-            process.stdout.close()
-            if process.poll() is None:  # we stopped reading early: the command has no more use
-                process.kill()
+            if process.poll() is None:  # we stopped reading early (or it stalled): the command has no more use
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            if timeout:
+                stream.close()  # its thread reads to the end of the pipe, now closed, and closes it
+            else:
+                process.stdout.close()
             code = process.wait(timeout=60)
-            if code not in (0, -9):
+            if code not in (0, -signal.SIGKILL, -signal.SIGPIPE):
                 raise OSError(f"'{url}' exited with status {code}")
         return
+    if not timeout:
+        if cfg.cache_dir and not _is_local(url):
+            url = _drain(_cached_copy(url, cfg))
+        with fsspec.open(url, "rb", **({} if _is_local(url) else cfg.storage_options)) as handle:
+            yield handle
+        return
+    stream = _TimedStream(url, lambda: _file_chunks(url, cfg), timeout)
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+def _pipe_chunks(stdout) -> Iterator[bytes]:
+    try:
+        while chunk := stdout.read1(READ_CHUNK):
+            yield chunk
+    finally:
+        stdout.close()
+
+
+def _file_chunks(url: str, cfg: DataConfig) -> Iterator[bytes | None]:
     if cfg.cache_dir and not _is_local(url):
-        url = _cached_copy(url, cfg)
+        url = yield from _cached_copy(url, cfg)
     with fsspec.open(url, "rb", **({} if _is_local(url) else cfg.storage_options)) as handle:
-        yield handle
+        while chunk := handle.read(READ_CHUNK):
+            yield chunk
 
 
-def _cached_copy(url: str, cfg: DataConfig) -> str:
+def _drain(steps: Iterator[None]):
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _cached_copy(url: str, cfg: DataConfig) -> Iterator[None]:
+    """Generator: downloads a remote shard into cfg.cache_dir (unless there already), yielding None per
+    chunk as a sign of progress; returns the local path."""
     os.makedirs(cfg.cache_dir, exist_ok=True)
     digest = hashlib.sha1(url.encode()).hexdigest()[:12]
     local = os.path.join(cfg.cache_dir, f"{digest}-{_shard_name(url)}")
     if not os.path.exists(local):
-        partial = f"{local}.{os.getpid()}.partial"
-        fs, path = fsspec.core.url_to_fs(url, **cfg.storage_options)
-        fs.get_file(path, partial)
-        os.replace(partial, local)  # atomic: another worker never sees half a shard
+        partial = f"{local}.{os.getpid()}.{threading.get_ident()}.partial"
+        try:
+            with fsspec.open(url, "rb", **cfg.storage_options) as source, open(partial, "wb") as target:
+                while chunk := source.read(READ_CHUNK):
+                    target.write(chunk)
+                    yield None
+            os.replace(partial, local)  # atomic: another worker never sees half a shard
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
     return local
 
 
@@ -293,8 +544,17 @@ def _iter_tar_samples(stream, wanted: Callable[[int], bool]) -> Iterator[tuple[i
             files = {} if wanted(index) else None
         if files is not None:
             files[extension.lower()] = archive.extractfile(member).read()
+    if not ends_cleanly(archive):  # cut at a block boundary: its last sample may lack members
+        raise tarfile.ReadError(f"the tar ends at byte {archive.offset} without its end-of-archive marker")
     if key is not None:
         yield index, key, files
+
+
+def ends_cleanly(archive: tarfile.TarFile) -> bool:
+    """After iterating a stream-mode ('r|') archive to its end: whether it ended with the end-of-archive
+    (zero) block. tarfile stops as quietly when the data simply runs out at a block boundary, where its
+    stream position is short of the block it tried to read as the next header."""
+    return archive.fileobj.tell() >= archive.offset + tarfile.BLOCKSIZE
 
 
 @dataclass(frozen=True)
@@ -305,6 +565,8 @@ class Segment:
     first: int
     end: int
     offset: int
+    size: int = 0
+    """The shard's listed size (sizes.json): what a short tar is compared with."""
 
 
 class _Entry(NamedTuple):
@@ -315,13 +577,60 @@ class _Entry(NamedTuple):
     reason: str
 
 
+def _describe(error: BaseException) -> str:
+    """An error as a log line shows it, next to the shard's URL."""
+    if isinstance(error, ShardReadTimeout):
+        return f"no data for {error.timeout:g} s (data.read_timeout_s)"
+    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
+        error = error.__cause__  # fsspec's http wraps the real failure (a 503, a refused connection)
+    return f"{type(error).__name__}: {error}"
+
+
+def _is_not_found(error: BaseException) -> bool:
+    """Whether an error says the shard is not there. S3's NoSuchKey and HTTP's 404 arrive as
+    FileNotFoundError; but fsspec's http also turns any failure of its size probe (a 503, a refused
+    connection) into a FileNotFoundError raised from the real error, which is transient."""
+    if not isinstance(error, FileNotFoundError):
+        return False
+    cause = error.__cause__
+    if cause is None or isinstance(cause, FileNotFoundError):
+        return True
+    status = getattr(cause, "status", None)  # aiohttp's ClientResponseError
+    if isinstance(status, int):
+        return status in (404, 410)
+    response = getattr(cause, "response", None)  # botocore's ClientError
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code")) in ("NoSuchKey", "NoSuchBucket", "NotFound", "404")
+    return False
+
+
+_warned: set[tuple[str, str]] = set()  # (what, shard) already told in this process
+
+
+def _warn_once(what: str, url: str, message: str, *args) -> None:
+    """A shard's problem is logged once per process, however many streams or epochs meet it."""
+    if (what, url) not in _warned:
+        _warned.add((what, url))
+        log.warning(message, *args)
+
+
 class _StreamReader:
     """Reads the needed samples of a stream's segments in order, with retries; yields one _Entry for
     every needed index, a lost sample as an entry without files and with the reason."""
 
-    def __init__(self, cfg: DataConfig, counts: Counter):
+    def __init__(self, cfg: DataConfig, counts: Counter, missing: frozenset[str] | set[str] = frozenset()):
         self.cfg = cfg
         self.counts = counts
+        self.missing = missing  # shards known absent since the start: not opened, their samples lost
+        self.quiet = False  # no log lines (a second read of the same shards)
+
+    def _warn(self, what: str, url: str, message: str, *args) -> None:
+        if not self.quiet:
+            _warn_once(what, url, message, *args)
+
+    def _log(self, message: str, *args) -> None:
+        if not self.quiet:
+            log.warning(message, *args)
 
     def read(self, segments: list[Segment], needed: np.ndarray) -> Iterator[_Entry]:
         for segment in segments:
@@ -332,8 +641,10 @@ class _StreamReader:
 
     def _read_segment(self, segment: Segment, needed: np.ndarray) -> Iterator[_Entry]:
         next_index = segment.first  # first shard index not yet handled
-        attempt, reason = 0, ""
-        while next_index < segment.end:
+        attempt, budget_start = 0, None
+        reason = "shard_not_found" if segment.url in self.missing else ""  # told at start: not again
+        while next_index < segment.end and not reason:
+            attempt_start, progress_from = time.monotonic(), next_index
             try:
                 with open_shard(segment.url, self.cfg) as stream:
                     def wanted(i, start=next_index):
@@ -342,34 +653,49 @@ class _StreamReader:
                     for index, key, files in _iter_tar_samples(stream, wanted):
                         if index < next_index:
                             continue
-                        if index >= segment.end:
-                            break
                         next_index = index + 1
                         if files is not None:
                             yield _Entry(segment.offset + index - segment.first, segment.url, key, files, "")
+                        if next_index >= segment.end:
+                            break  # the segment is done: not a byte more of this shard
                 if next_index < segment.end:
                     reason = "missing_from_shard"  # the tar holds fewer samples than sizes.json says
                     self.counts["shards_short"] += 1
-                    log.warning("shard %s ends after %d samples, fewer than its listed size", segment.url, next_index)
-                break
+                    self._warn("short", segment.url, "shard %s holds %d samples, but its listed size (sizes.json) "
+                               "is %d: the %d missing ones are skipped", segment.url, next_index, segment.size,
+                               segment.size - next_index)
             except (tarfile.TarError, EOFError) as error:
                 # a damaged archive reads the same way every time: no retry
                 reason = "truncated_shard"
                 self.counts["shards_truncated"] += 1
-                log.warning("shard %s is damaged after sample %d (%s): the rest is skipped", segment.url, next_index, error)
-                break
+                self._warn("damaged", segment.url, "shard %s is damaged after %d samples (%s): the rest of it (listed "
+                           "size %d) is skipped", segment.url, next_index, error, segment.size)
             except ConfigError:
                 raise
-            except Exception as error:  # network, permissions, a vanished file: worth retrying
-                if attempt >= self.cfg.retries:
+            except Exception as error:
+                if _is_not_found(error):  # retrying will not bring it back
+                    reason = "shard_not_found"
+                    self.counts["shards_not_found"] += 1
+                    self._warn("not found", segment.url, "shard %s not found (%s): its samples are skipped",
+                               segment.url, error)
+                    break
+                # network, server, a stalled read: worth retrying
+                if isinstance(error, ShardReadTimeout):
+                    self.counts["shard_timeouts"] += 1
+                if next_index > progress_from:  # it was making progress: a fresh budget
+                    attempt, budget_start = 0, None
+                budget_start = attempt_start if budget_start is None else budget_start
+                delay = min(self.cfg.retry_backoff * 2**attempt, RETRY_BACKOFF_CAP)
+                spent = time.monotonic() - budget_start
+                if attempt >= self.cfg.retries or spent + delay > self.cfg.retry_max_s:
                     reason = "shard_failed"
                     self.counts["shards_failed"] += 1
-                    log.warning("shard %s failed %d times (%s): skipped", segment.url, attempt + 1, error)
+                    self._log("shard %s failed %d times in %.0f s (%s): skipped", segment.url, attempt + 1,
+                              spent, _describe(error))
                     break
-                delay = self.cfg.retry_backoff * 2**attempt
                 self.counts["shard_retries"] += 1
-                log.warning("shard %s failed (%s); retry %d/%d in %.1f s", segment.url, error, attempt + 1,
-                            self.cfg.retries, delay)
+                self._log("shard %s failed (%s); retry %d in %.1f s", segment.url, _describe(error), attempt + 1,
+                          delay)
                 time.sleep(delay)
                 attempt += 1
         for index in range(next_index, segment.end):
@@ -404,15 +730,23 @@ def shuffle_order(length: int, buffer_size: int, rng: np.random.Generator) -> np
 
 
 def _segments_of_range(shards: list[tuple[str, int]], start: int, end: int) -> list[Segment]:
-    """Samples [start, end) of the shards laid end to end."""
-    segments, position = [], 0
-    for url, size in shards:
-        lo, hi = max(start, position), min(end, position + size)
-        if lo < hi:
-            segments.append(Segment(url, lo - position, hi - position, lo - start))
-        position += size
-        if position >= end:
-            break
+    """Samples [start, end) of the shards laid end to end in a circle: positions past the last sample
+    go on at the first shard again (end - start must not exceed the total)."""
+    total = sum(size for _, size in shards)
+    segments, offset = [], 0
+    while start < end:  # at most twice: the range before the wrap and the range after it
+        lap = start // total * total
+        lap_end = min(end, lap + total)
+        position = lap
+        for url, size in shards:
+            lo, hi = max(start, position), min(lap_end, position + size)
+            if lo < hi:
+                segments.append(Segment(url, lo - position, hi - position, offset + lo - start, size))
+            position += size
+            if position >= lap_end:
+                break
+        offset += lap_end - start
+        start = lap_end
     return segments
 
 
@@ -439,31 +773,40 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
+# samples lost with their shard: the shard's own warning names it and the count, once
+SHARD_REASONS = ("truncated_shard", "missing_from_shard", "shard_not_found", "shard_failed")
+
+
 class _RateLimitedLog:
-    """Every bad sample is counted; the first few of each reason are logged in full, then every 1000th."""
+    """Every bad sample is counted; the first few of each reason are logged in full, then every 1000th
+    (a sample lost with its shard is not: its shard was told)."""
 
     def __init__(self):
         self.seen = Counter()
 
-    def __call__(self, reason: str, url: str, key: str, detail: str = ""):
+    def __call__(self, reason: str, url: str, key: str, detail: str = "", skipped: bool = True):
+        if reason in SHARD_REASONS:
+            return
         self.seen[reason] += 1
         count = self.seen[reason]
         if count <= 10 or count % 1000 == 0:
-            log.warning("skipped sample %s in %s: %s%s (%d so far with this reason in this stream)",
-                        key, url, reason, f" ({detail})" if detail else "", count)
+            log.warning("%s sample %s in %s: %s%s (%d so far with this reason in this stream)",
+                        "skipped" if skipped else "used", key, url, reason, f" ({detail})" if detail else "", count)
 
 
 class StreamingDataset(IterableDataset):
     """The per-worker side: plans this worker's stream and yields (Batch, stats delta) pairs."""
 
     def __init__(self, cfg: DataConfig, sources: list[list[tuple[str, int]]], *, rank: int, world_size: int,
-                 seed: int, media_transform, tokenizer, train: bool, image_size: int | None, weights: list[float]):
+                 seed: int, media_transform, tokenizer, train: bool, image_size: int | None, weights: list[float],
+                 missing: frozenset[str] = frozenset()):
         sources = [[shard for shard in source if shard[1] > 0] for source in sources]  # empty shards hold nothing
         if cfg.resampled and any(weight > 0 and not source for weight, source in zip(weights, sources)):
             raise ValueError("a data source with a positive weight holds no samples; drop it or give it weight 0")
         self.cfg, self.sources, self.rank, self.world_size = cfg, sources, rank, world_size
         self.seed, self.media_transform, self.tokenizer = seed, media_transform, tokenizer
         self.train, self.image_size, self.weights = train, image_size, weights
+        self.missing = missing  # shard URLs found absent at start: never opened
         self.workers = max(cfg.workers, 1)
         self.streams = world_size * self.workers
         self.shards = [shard for source in sources for shard in source]
@@ -479,7 +822,10 @@ class StreamingDataset(IterableDataset):
                     f"world_size {world_size} x workers {self.workers} x batch_size {cfg.batch_size} = "
                     f"{self.streams * cfg.batch_size} needed; lower data.batch_size or data.workers"
                 )
+            # samples not read in an epoch (one pass over the shards): the end of the laid-out circle
+            self.remainder = 0 if cfg.resampled else self.total - self.streams * self.stream_batches * cfg.batch_size
         else:
+            self.remainder = 0
             if self.total < self.streams:
                 raise ValueError(f"the eval set has {self.total} samples, fewer than the {self.streams} streams "
                                  f"(world_size x workers); lower data.workers")
@@ -503,12 +849,14 @@ class StreamingDataset(IterableDataset):
                 url, size = source[rng.integers(len(source))]
                 take = min(size, length - filled)
                 if take > 0:
-                    segments.append(Segment(url, 0, take, filled))
+                    segments.append(Segment(url, 0, take, filled, size))
                     filled += take
         else:
             permutation = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
             shards = [self.shards[i] for i in permutation]
-            segments = _segments_of_range(shards, stream * length, (stream + 1) * length)
+            # the dropped remainder moves on by its own length every epoch (module docstring, step 2)
+            start = epoch * self.remainder % self.total + stream * length
+            segments = _segments_of_range(shards, start, start + length)
         order = shuffle_order(length, self.cfg.shuffle_buffer, np.random.default_rng([self.seed, epoch, stream, 2]))
         return StreamPlan(segments, order, self.stream_batches)
 
@@ -531,14 +879,19 @@ class StreamingDataset(IterableDataset):
         if "json" in files:
             try:
                 metadata = json.loads(files["json"])
-            except ValueError:
+            except ValueError as error:  # not JSON, or not UTF-8: the sample goes on without label / captions
+                note("metadata_unreadable", entry.url, entry.key, f"{type(error).__name__}: {error}", skipped=False)
                 metadata = {}
         picker = random.Random(sample_seed)
         captions = metadata.get("captions") if isinstance(metadata, dict) else None
         if self.cfg.caption_source == "json" and isinstance(captions, list) and captions:
             caption = str(picker.choice(captions))
         elif "txt" in files:
-            caption = files["txt"].decode("utf-8", errors="replace").strip()
+            try:
+                caption = files["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError as error:  # replacement characters would train on noise
+                note("bad_caption", entry.url, entry.key, f"not UTF-8: {error}")
+                return None
         else:
             caption = ""
         if not caption:
@@ -580,7 +933,7 @@ class StreamingDataset(IterableDataset):
         media = _stack([sample[0] for sample in samples])
         tokens = self.tokenizer([sample[1] for sample in samples])
         labels = torch.tensor([sample[2] for sample in samples], dtype=torch.long)
-        return Batch(media, tokens, keys, labels)
+        return Batch(media, tokens, keys, labels, torch.tensor([key != "" for key in keys], dtype=torch.bool))
 
     # --- iteration
     def __iter__(self):
@@ -601,14 +954,14 @@ class StreamingDataset(IterableDataset):
         counts: Counter = Counter()
         note = _RateLimitedLog()
 
-        def count_bad(reason, url, key, detail=""):
-            counts[f"skipped_{reason}"] += 1
-            note(reason, url, key, detail)
+        def count_bad(reason, url, key, detail="", skipped=True):
+            counts[f"skipped_{reason}" if skipped else reason] += 1
+            note(reason, url, key, detail, skipped)
 
         needed = np.zeros(length, dtype=bool)
         remaining = plan.order[done * batch_size :]
         needed[remaining] = True
-        entries = _StreamReader(self.cfg, counts).read(plan.segments, needed)
+        entries = _StreamReader(self.cfg, counts, self.missing).read(plan.segments, needed)
         pending: dict[int, _Entry] = {}
         last_good: list[tuple] = []  # good samples of the latest batch that had any (fill source)
         for batch_index in range(done, plan.batches):
@@ -633,13 +986,11 @@ class StreamingDataset(IterableDataset):
             elif padding and not last_good:
                 last_good = self._fill_source(plan, epoch, stream, batch_index)
             for hole in range(padding):
-                sample, key = (real or last_good)[hole % len(real or last_good)]
-                if self.train:  # a hole is filled by a repeat of a good sample, key and label included
-                    good.append(sample)
-                    keys.append(key)
-                else:  # eval padding: marked by an empty key and no label
-                    good.append((sample[0], sample[1], -1))
-                    keys.append("")
+                # a slot without a real sample: a real sample's tensors (fixed shapes), marked by an empty
+                # key (-> Batch.valid False) and no label; the loss and evaluation leave the row out
+                sample, _key = (real or last_good)[hole % len(real or last_good)]
+                good.append((sample[0], sample[1], -1))
+                keys.append("")
             if padding:
                 counts["samples_filled" if self.train else "samples_padded"] += padding
             yield self._collate(good, keys), dict(counts)
@@ -647,17 +998,31 @@ class StreamingDataset(IterableDataset):
 
     def _fill_source(self, plan: StreamPlan, epoch: int, stream: int, batch_index: int) -> list[tuple]:
         """Good samples of the nearest earlier batch of this stream that has any, else the nearest later
-        one: read again by position, so a resumed run fills a bad batch exactly as an uninterrupted one."""
+        one, else the first batch of another stream (in stream order) that has any: read again by
+        position, so a resumed run fills a bad batch exactly as an uninterrupted one. Only their tensors
+        are used (the slots are marked invalid); failing shards are tried once, not retried."""
         batch_size = self.cfg.batch_size
-        candidates = list(range(batch_index - 1, -1, -1)) + list(range(batch_index + 1, plan.batches))
-        silent = Counter()
-        for candidate in candidates:
-            targets = plan.order[candidate * batch_size : (candidate + 1) * batch_size]
-            needed = np.zeros(len(plan.order), dtype=bool)
+        reader = _StreamReader(dataclasses.replace(self.cfg, retries=0), Counter(), set(self.missing))
+        reader.quiet = True  # these shards were read (and their problems told) for the batches themselves
+        unreadable: list[str] = []  # shards that failed in this search: not opened again
+        candidates = [(stream, plan, b) for b in [*range(batch_index - 1, -1, -1), *range(batch_index + 1, plan.batches)]]
+        for other in [*range(stream + 1, self.streams), *range(stream)]:
+            other_plan = self.plan(epoch, other)
+            candidates += [(other, other_plan, b) for b in range(other_plan.batches)]
+        for source_stream, source_plan, candidate in candidates:
+            targets = source_plan.order[candidate * batch_size : (candidate + 1) * batch_size]
+            needed = np.zeros(len(source_plan.order), dtype=bool)
             needed[targets] = True
             found = []
-            for entry in _StreamReader(self.cfg, silent).read(plan.segments, needed):
-                sample = self._decode(entry, self._sample_seed(epoch, stream, entry.index), lambda *a: None)
+            for entry in reader.read(source_plan.segments, needed):
+                if entry.reason in ("shard_failed", "shard_not_found") and entry.url not in reader.missing:
+                    reader.missing.add(entry.url)
+                    unreadable.append(entry.url)
+                    if len(unreadable) >= 3:  # the storage is down, not a shard: say so instead of trying them all
+                        raise RuntimeError(f"no sample can be read to stand in for the lost ones of stream {stream}, "
+                                           f"epoch {epoch}: shards {', '.join(unreadable)} all fail")
+                seed = self._sample_seed(epoch, source_stream, entry.index)
+                sample = self._decode(entry, seed, lambda *args, **kwargs: None)
                 if sample is not None:
                     found.append((entry.index, sample, entry.key))
             if found:
@@ -665,8 +1030,8 @@ class StreamingDataset(IterableDataset):
                 rank_in_batch = {int(t): i for i, t in enumerate(targets)}
                 found.sort(key=lambda item: rank_in_batch[item[0]])
                 return [(sample, key) for _, sample, key in found]
-        raise RuntimeError(f"stream {stream} of epoch {epoch} holds no decodable sample; check its shards: "
-                           + ", ".join(sorted({s.url for s in plan.segments})))
+        raise RuntimeError(f"epoch {epoch} holds no decodable sample in any stream; check the shards: "
+                           + ", ".join(sorted({url for url, _ in self.shards})))
 
 
 # ------------------------------------------------------------------------------------- the loader
@@ -676,20 +1041,59 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # one core per worker: decoding is parallel across workers, not inside one
 
 
+STAT_KEYS = (
+    "samples_read",  # real samples delivered
+    "samples_filled",  # training slots without a real sample (Batch.valid False): one per skipped sample
+    "samples_padded",  # eval slots past the end of a stream's range, or of a skipped sample
+    "samples_remainder",  # not read: the end-of-epoch remainder (rank 0 counts it, once per epoch started)
+    "samples_not_found",  # in shards listed in a directory's sizes.json but absent: left out (rank 0, at start)
+    "skipped_corrupt_media",  # the media does not decode
+    "skipped_missing_media",  # no image/audio member
+    "skipped_missing_caption",  # no caption, or an empty one
+    "skipped_bad_caption",  # a .txt caption that is not UTF-8
+    "skipped_truncated_shard",  # lost after the point where a tar is damaged
+    "skipped_missing_from_shard",  # the tar holds fewer samples than listed
+    "skipped_shard_not_found",  # the shard is not there
+    "skipped_shard_failed",  # the shard still failed after its retries
+    "metadata_unreadable",  # samples used without their .json (not JSON or not UTF-8): no label, .txt caption
+    "shards_not_found",  # found missing: at start (rank 0), or by a reader when it opened the shard
+    "shards_failed",  # shard reads given up after their retries
+    "shards_truncated",  # shard reads that met a damaged tar
+    "shards_short",  # shard reads that met a tar with fewer samples than listed
+    "shard_retries",  # retries of failed shard reads
+    "shard_timeouts",  # shard reads that delivered nothing for data.read_timeout_s
+)
+"""Every counter of `StreamingLoader.stats`. A shard that several streams read, or that is read again
+in later epochs, counts in shards_* each time it is read; samples count once per epoch they are lost in."""
+
+
+def sum_stats_across_ranks(stats: dict[str, int]) -> dict[str, int]:
+    """Every STAT_KEYS counter of `stats` (a rank's `loader.stats`) summed over all ranks with one
+    all_reduce (gloo or NCCL), every key present. A collective: every rank must call it at the same
+    point. Without an initialised process group (or with one rank) it returns the local counters."""
+    import torch.distributed as dist
+
+    local = {key: int(stats.get(key, 0)) for key in STAT_KEYS}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([local[key] for key in STAT_KEYS], dtype=torch.int64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(STAT_KEYS, values.tolist()))
+
+
 class StreamingLoader:
     """Iterable of Batch; `len()` batches per epoch on every rank; position (epoch, batches consumed).
 
     Iterating yields the rest of the current epoch and then moves the loader to the next epoch, so
-    `while True: yield from loader` streams epoch after epoch. `stats` sums the workers' counters:
-    samples_read, samples_filled (train holes) / samples_padded (eval), skipped_<reason> per bad sample
-    (corrupt_media, missing_caption, missing_media, truncated_shard, missing_from_shard, shard_failed),
-    shards_failed, shards_truncated, shards_short, shard_retries.
+    `while True: yield from loader` streams epoch after epoch. `stats` holds this rank's counters, every
+    one of STAT_KEYS (0 until it happens); `sum_stats_across_ranks(loader.stats)` adds up all ranks'.
     """
 
     def __init__(self, dataset: StreamingDataset, cfg: DataConfig, fingerprint: str):
         self.dataset, self.cfg, self.fingerprint = dataset, cfg, fingerprint
         self.epoch, self.batches_consumed = 0, 0
-        self.stats: dict[str, int] = Counter()
+        self.stats: dict[str, int] = Counter(dict.fromkeys(STAT_KEYS, 0))
         self._loader = DataLoader(
             dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init if cfg.workers else None,
@@ -707,15 +1111,38 @@ class StreamingLoader:
     def __iter__(self) -> Iterator[Batch]:
         total = len(self)
         if self.batches_consumed < total:
+            if self.batches_consumed == 0 and self.dataset.rank == 0:  # counted once over the ranks
+                self.stats["samples_remainder"] += self.dataset.remainder
             self.dataset.position[0] = self.epoch
             self.dataset.position[1] = self.batches_consumed
-            for batch, delta in self._loader:
+            batches = iter(self._loader)
+            while True:
+                try:
+                    batch, delta = next(batches)
+                except StopIteration:
+                    break
+                except RuntimeError as error:
+                    if "timed out" not in str(error):
+                        raise
+                    raise RuntimeError(f"{error}: {self._waited_on()}; raise data.worker_timeout if the "
+                                       "storage is only slow") from error
                 self.stats.update(delta)
                 self.batches_consumed += 1  # before yielding: a state taken now counts this batch
                 yield batch
                 if self.batches_consumed >= total:
                     break
         self.epoch, self.batches_consumed = self.epoch + 1, 0
+
+    def _waited_on(self) -> str:
+        """Which shards the batch that did not come was to be read from (for the DataLoader's timeout)."""
+        dataset, batch = self.dataset, self.batches_consumed
+        stream = dataset.rank * dataset.workers + batch % dataset.workers
+        plan = dataset.plan(self.epoch, stream)
+        size = self.cfg.batch_size
+        targets = plan.order[batch // dataset.workers * size : (batch // dataset.workers + 1) * size]
+        urls = sorted({seg.url for seg in plan.segments for t in targets.tolist()
+                       if seg.offset <= t < seg.offset + seg.end - seg.first})
+        return f"epoch {self.epoch} batch {batch} (stream {stream}) was to be read from {', '.join(urls)}"
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -749,6 +1176,10 @@ def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     shard_urls = expand_urls(urls, cfg.storage_options)
     sizes = read_shard_sizes(urls, cfg.storage_options)
+    left_out, absent = missing_listed_shards(urls, cfg.storage_options, sizes)
+    absent = [(url, size) for url, size in absent if size > 0]  # a counted shard that was not there is told
+    if rank == 0:  # every rank finds the same: one of them tells
+        _warn_missing(left_out, absent)
     sources = [[(url, sizes[url]) for url in source] for source in shard_urls]
     weights = list(cfg.weights) or [1.0] * len(sources)
     if len(weights) != len(sources):
@@ -757,5 +1188,9 @@ def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed
     fingerprint = hashlib.sha1(names.encode()).hexdigest()[:16]
     dataset = StreamingDataset(cfg, sources, rank=rank, world_size=world_size, seed=seed,
                                media_transform=media_transform, tokenizer=tokenizer, train=train,
-                               image_size=image_size, weights=weights)
-    return StreamingLoader(dataset, cfg, fingerprint)
+                               image_size=image_size, weights=weights, missing=frozenset(url for url, _ in absent))
+    loader = StreamingLoader(dataset, cfg, fingerprint)
+    if rank == 0:  # found once for the whole data set: counted on one rank
+        loader.stats["shards_not_found"] += len(left_out) + len(absent)
+        loader.stats["samples_not_found"] += sum(size for _, size in left_out)
+    return loader

@@ -697,25 +697,46 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
 
 
+class DamagedTar(Exception):
+    """A tar that cannot be read to its end; `complete` samples came before the damage."""
+
+    def __init__(self, complete: int, error: Exception):
+        super().__init__(str(error))
+        self.complete = complete
+
+
 def _count_tar_samples(handle) -> tuple[int, list[str]]:
-    """Samples (distinct keys) in a tar stream, reading every member so truncation is caught."""
-    keys, problems, media, captions = [], [], set(), set()
-    with tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            reader = tar.extractfile(member)
-            data = reader.read() if reader else b""
-            if len(data) != member.size:
-                raise tarfile.ReadError(f"member {member.name} is truncated")
-            base = posixpath.basename(member.name)
-            key, _, ext = base.partition(".")
-            if not keys or keys[-1] != key:
-                keys.append(key)
-            if ext in IMAGE_EXTENSIONS or ext in AUDIO_EXTENSIONS:
-                media.add(key)
-            if ext == "txt":
-                captions.add(key)
+    """Samples (distinct keys) in a tar stream, reading every member so truncation is caught
+    (DamagedTar, with the samples complete before it)."""
+    keys, problems, media, captions, bad_captions = [], [], set(), set(), []
+    try:
+        with tarfile.open(fileobj=handle, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                reader = tar.extractfile(member)
+                data = reader.read() if reader else b""
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} is truncated")
+                base = posixpath.basename(member.name)
+                key, _, ext = base.partition(".")
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                if ext in IMAGE_EXTENSIONS or ext in AUDIO_EXTENSIONS:
+                    media.add(key)
+                if ext == "txt":
+                    captions.add(key)
+                    try:
+                        data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad_captions.append(key)
+            # the data ran out at a block boundary: tarfile ends quietly, without the end-of-archive block
+            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"it ends at byte {tar.offset} without its end-of-archive marker")
+    except (tarfile.TarError, EOFError) as error:
+        raise DamagedTar(max(len(keys) - 1, 0), error) from error  # the sample being read is not complete
+    for key in bad_captions:
+        problems.append(f"sample {key} has a .txt caption that is not UTF-8 (the loader skips it)")
     if len(set(keys)) != len(keys):
         problems.append("samples of one key are not contiguous or a key repeats")
     for key in keys:
@@ -754,7 +775,7 @@ def verify(urls: list[str], storage_options: dict[str, Any] | None = None, progr
                 report.problems.append(f"{url}: shard {name} is not listed in sizes.json")
             for name, expected in sizes.items():
                 if name not in present:
-                    report.problems.append(f"{url}: shard {name} listed in sizes.json is missing")
+                    report.problems.append(f"{url}: shard {name} listed in sizes.json is missing ({expected} samples)")
                     continue
                 joined = posixpath.join(url.rstrip("/"), name) if remote else os.path.join(path, name)
                 targets.append((joined, expected))
@@ -763,7 +784,13 @@ def verify(urls: list[str], storage_options: dict[str, Any] | None = None, progr
         try:
             with fsspec.open(url, "rb", **storage_options) as handle:
                 count, problems = _count_tar_samples(handle)
-        except (tarfile.TarError, OSError, EOFError) as error:
+        except DamagedTar as error:
+            listed = f"; sizes.json says {expected}" if expected is not None else ""
+            report.problems.append(f"{url}: unreadable tar ({error}): {error.complete} complete samples before the "
+                                   f"damage{listed}")
+            report.samples += error.complete
+            continue
+        except OSError as error:
             report.problems.append(f"{url}: unreadable tar ({error})")
             continue
         report.samples += count

@@ -134,6 +134,17 @@ def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[t
     return media_to_device(batch.media, device, media_dtype), batch.tokens.to(device, non_blocking=True)
 
 
+def _with_valid(outputs: dict[str, Any], micro_batches: list, device: torch.device) -> dict[str, Any]:
+    """The model outputs plus `valid` (bool, one entry per row of the micro-batches, in order): slots the
+    loader filled without a real sample take no part in the loss. Always passed when the loader marks
+    slots, even when all are real: the loss gathers the mask, a collective every rank must join."""
+    if any(batch.valid is None for batch in micro_batches):
+        return outputs
+    # each part from the loader's pinned memory, then joined on the device: no pageable copy that blocks the host
+    valid = torch.cat([batch.valid.to(device, non_blocking=True) for batch in micro_batches])
+    return {**outputs, "valid": valid}
+
+
 def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype):
     """Gradients of the contrastive loss over all `micro_batches` of every rank, left in the engine
     (reduced across ranks: the last backward is DeepSpeed's accumulation boundary). The caller then
@@ -147,7 +158,7 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
     """
     if len(micro_batches) == 1:
         outputs = engine(*_to_device(micro_batches[0], device, media_dtype))
-        loss, metrics = loss_fn(outputs)
+        loss, metrics = loss_fn(_with_valid(outputs, micro_batches, device))
         engine.backward(loss)
         return loss.detach(), metrics
 
@@ -167,7 +178,7 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
         key: cached[0][key] if key in SHARED_OUTPUTS else torch.cat([part[key] for part in cached])
         for key in cached[0]
     }
-    loss, metrics = loss_fn(combined)
+    loss, metrics = loss_fn(_with_valid(combined, micro_batches, device))
     loss.backward()
     output_grads = [{k: v.grad for k, v in part.items() if v.grad is not None} for part in cached]
 
@@ -341,7 +352,7 @@ def _truncate_keys(path: Path, step: int) -> None:
 def train(cfg) -> dict[str, Any]:
     """Run (or continue) training as configured; every rank calls it. Returns the last eval metrics."""
     from pipeline.checkpoint import CheckpointManager, rng_state, set_rng_state
-    from pipeline.data import build_loader
+    from pipeline.data import build_loader, sum_stats_across_ranks
     from pipeline.evaluate import evaluate, read_classes
     from pipeline.losses import build_loss
     from pipeline.metrics import MetricsLogger
@@ -469,6 +480,8 @@ def train(cfg) -> dict[str, Any]:
                 "logit_scale": step_metrics.get("logit_scale", float("nan")),
                 **{f"loss/{k}": v for k, v in step_metrics.items() if k != "logit_scale"},
             }
+            # every rank's skipped, filled and left-out samples, summed (a collective: all ranks log together)
+            record.update({f"data/{k}": v for k, v in sum_stats_across_ranks(loader.stats).items()})
             if samples_per_s is not None:  # None for a window that compiled
                 record.update(samples_per_s=samples_per_s, samples_per_s_per_gpu=samples_per_s / dist.world_size)
             if mfu is not None and samples_per_s is not None:
@@ -488,12 +501,13 @@ def train(cfg) -> dict[str, Any]:
     if step >= cfg.train.steps:
         last_eval = run_eval()
     save()
+    # what the data lacked, over all ranks (a collective, before rank 0 alone reports it)
+    lost = {k: v for k, v in sum_stats_across_ranks(loader.stats).items() if v and k != "samples_read"}
     if dist.is_main:
         if (run_dir / "metrics.jsonl").is_file():
             plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
-        stats = dict(loader.stats)
-        if any(stats.values()):
-            print(f"data: {stats}", flush=True)
+        if lost:
+            print("data over all ranks: " + ", ".join(f"{k} {v}" for k, v in lost.items()), flush=True)
     metrics_log.close()
     distributed.barrier()
     return last_eval

@@ -1,5 +1,6 @@
 """Tiny real WebDataset shards for the loader tests: uneven sizes, sizes.json, planted bad samples,
-truncated tars, img2dataset-style and open_clip-style layouts, audio shards.
+truncated tars, img2dataset-style and open_clip-style layouts, audio shards; and ShardHttpServer, a
+local HTTP store that can answer 404, fail with 503 or stall in the middle of a shard.
 
 Every writer returns the list of shard paths; sample keys are unique across a data set and say
 where the sample lives (`{prefix}{shard:02d}x{index:04d}`), so a test can check coverage by key.
@@ -93,16 +94,7 @@ def write_bad_dataset(directory: Path, sizes: list[int], prefix: str = "bad") ->
     middle of its data (sizes.json still lists its full size). Returns what was planted."""
     paths = write_dataset(directory, sizes, prefix=prefix)
     corrupt, no_caption, no_media = f"{prefix}00x0001", f"{prefix}01x0002", f"{prefix}01x0004"
-
-    def rewrite(path: str, edit):
-        with tarfile.open(path) as archive:
-            members = [(m.name, archive.extractfile(m).read()) for m in archive.getmembers()]
-        samples: dict[str, dict[str, bytes]] = {}
-        for name, data in members:
-            key, _, extension = name.partition(".")
-            samples.setdefault(key, {})[extension] = data
-        write_tar(Path(path), [(key, edit(key, files)) for key, files in samples.items()])
-
+    rewrite = rewrite_tar
     rewrite(paths[0], lambda key, files: {**files, "jpg": b"\xff\xd8\xff\xe0 not a jpeg"} if key == corrupt else files)
     rewrite(paths[1], lambda key, files: (
         {k: v for k, v in files.items() if k != "txt"} if key == no_caption
@@ -154,3 +146,77 @@ def write_open_clip_style(directory: Path, sizes: list[int]) -> set[str]:
         listed[f"{shard:05d}.tar"] = size
     (directory / "sizes.json").write_text(json.dumps(listed))
     return keys
+
+
+class ShardHttpServer:
+    """A local HTTP server of the files in `root`, with faults planted per file name: the stand-in for a
+    misbehaving object store (read through fsspec's http protocol, streaming: storage_options
+    {"block_size": 0}).
+
+        server = ShardHttpServer(directory)
+        server.fail["data-000001.tar"] = 3       # the next 3 requests of it get 503
+        server.stall["data-000002.tar"] = 2000   # sends 2000 bytes of it, then nothing until stop()
+        ... fsspec.open(server.url + "/data-000001.tar", block_size=0) ...
+        server.stop()
+
+    A file absent from `root` answers 404. `requests` counts the requests per name."""
+
+    def __init__(self, root: Path):
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.root = Path(root)
+        self.fail: dict[str, int] = {}
+        self.stall: dict[str, int] = {}
+        self.requests: Counter = Counter()
+        self.released = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # no access log on stderr
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                owner.requests[name] += 1
+                if owner.fail.get(name, 0) > 0:
+                    owner.fail[name] -= 1
+                    self.send_error(503, "planted outage")
+                    return
+                path = owner.root / name
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if name in owner.stall:
+                    self.wfile.write(data[: owner.stall[name]])
+                    self.wfile.flush()
+                    owner.released.wait(60)  # a stalled store: the connection stays open, nothing comes
+                    return
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def rewrite_tar(path: str, edit) -> None:
+    """Rewrite a tar sample by sample: edit(key, {extension: bytes}) -> the new files of that sample."""
+    with tarfile.open(path) as archive:
+        members = [(m.name, archive.extractfile(m).read()) for m in archive.getmembers()]
+    samples: dict[str, dict[str, bytes]] = {}
+    for name, data in members:
+        key, _, extension = name.partition(".")
+        samples.setdefault(key, {})[extension] = data
+    write_tar(Path(path), [(key, edit(key, files)) for key, files in samples.items()])

@@ -289,7 +289,8 @@ def test_too_few_samples_fails_at_start_naming_the_need(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("batch_size", 0), ("modality", "video"), ("workers", -1),
-                                        ("caption_source", "csv"), ("weights", [1.0, -1.0])])
+                                        ("caption_source", "csv"), ("weights", [1.0, -1.0]),
+                                        ("retry_max_s", -1.0), ("read_timeout_s", -1.0)])
 def test_config_errors_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"data.{key}"):
         DataConfig(**{key: value})

@@ -21,25 +21,29 @@ def read_epochs(rank, world_size, urls, batch_size, workers, epochs):
     counts are also checked with an all_reduce, the collective a trainer would hang in."""
     import open_clip
 
-    from pipeline.data import DataConfig, build_loader
+    from pipeline.data import DataConfig, build_loader, sum_stats_across_ranks
 
     cfg = DataConfig(train_urls=urls, batch_size=batch_size, workers=workers, shuffle_buffer=6,
                      retries=1, retry_backoff=0.01)
     loader = build_loader(cfg, urls, rank=rank, world_size=world_size, seed=3,
                           media_transform=open_clip.image_transform(16, is_train=True),
                           tokenizer=open_clip.get_tokenizer("ViT-B-32"), image_size=16)
-    result = {"len": len(loader), "epochs": [], "counts": []}
+    result = {"len": len(loader), "epochs": [], "counts": [], "invalid": []}
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        keys, count = [], 0
+        keys, count, invalid = [], 0, 0
         for batch in loader:
             assert batch.media.shape[0] == batch_size
+            assert batch.valid.tolist() == [key != "" for key in batch.keys]  # marked slots: key ""
             keys.extend(batch.keys)
+            invalid += int((~batch.valid).sum())
             count += 1
             dist.all_reduce(torch.ones(1))  # a rank with fewer batches would hang here
         result["epochs"].append(keys)
         result["counts"].append(count)
+        result["invalid"].append(invalid)
     result["stats"] = dict(loader.stats)
+    result["summed"] = sum_stats_across_ranks(loader.stats)
     return result
 
 
@@ -85,7 +89,7 @@ def test_fewer_shards_than_streams(rank_results):
     assert len(keys) == len(set(keys)) == 16 and set(keys) <= all_keys([9, 8], prefix="two")
 
 
-def test_bad_data_is_skipped_counted_and_filled(rank_results):
+def test_bad_data_is_skipped_counted_and_marked(rank_results):
     results, planted = rank_results["bad"], rank_results["planted"]
     assert results[0]["counts"] == results[1]["counts"] == [results[0]["len"]] == [4]
     stats = {}
@@ -102,5 +106,10 @@ def test_bad_data_is_skipped_counted_and_filled(rank_results):
     assert lost >= 1 and stats.get("shards_truncated", 0) + stats.get("shards_short", 0) == 1
     assert stats["samples_filled"] == 3 + lost
     assert stats["samples_read"] + stats["samples_filled"] == 32
-    # the holes are filled with repeats of good samples, so some keys appear twice
-    assert len(keys) == 32 and len(set(keys)) == 32 - stats["samples_filled"]
+    # a hole is a marked slot (key "", valid False), never a copy of a real sample under its key
+    real = [key for key in keys if key]
+    assert len(keys) == 32 and len(real) == len(set(real)) == 32 - stats["samples_filled"]
+    assert results[0]["invalid"][0] + results[1]["invalid"][0] == stats["samples_filled"]
+    # sum_stats_across_ranks gives every rank the same totals, every counter present
+    assert results[0]["summed"] == results[1]["summed"]
+    assert {k: v for k, v in results[0]["summed"].items() if v} == {k: v for k, v in stats.items() if v}

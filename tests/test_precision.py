@@ -73,8 +73,10 @@ def _micro_batches(rank: int, step: int, accum_steps: int, micro: int) -> list:
     generator = torch.Generator().manual_seed(1000 * step + rank)
     pixels = torch.randint(0, 256, (accum_steps * micro, 3, 64, 64), dtype=torch.uint8, generator=generator)
     tokens = torch.randint(1, 49000, (accum_steps * micro, 32), generator=generator)
+    # as the loader marks slots: every one real here, but the loss still gathers the mask
     return [Batch(pixels[i * micro:(i + 1) * micro], tokens[i * micro:(i + 1) * micro],
-                  [f"{step}-{i}-{k}" for k in range(micro)], torch.full((micro,), -1)) for i in range(accum_steps)]
+                  [f"{step}-{i}-{k}" for k in range(micro)], torch.full((micro,), -1),
+                  torch.ones(micro, dtype=torch.bool)) for i in range(accum_steps)]
 
 
 def _step(engine, loss_fn, batches):

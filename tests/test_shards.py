@@ -253,6 +253,8 @@ def test_verify_catches_truncated_tar_and_wrong_count(tmp_path, capsys):
     report = verify([str(tmp_path)], progress=False)
     assert len(report.problems) == 2
     assert "shapes-train-000001.tar: unreadable tar" in report.problems[0]
+    # the damaged shard is named with both counts: what is readable, what sizes.json lists
+    assert "complete samples before the damage; sizes.json says 4" in report.problems[0]
     assert "shapes-train-000002.tar: holds 4 samples but sizes.json says 5" in report.problems[1]
     assert _cli(["shards", "verify", str(tmp_path), "--quiet"]) == 1
     assert "problem:" in capsys.readouterr().out
@@ -260,12 +262,36 @@ def test_verify_catches_truncated_tar_and_wrong_count(tmp_path, capsys):
     assert len(verify([str(tmp_path / "shapes-train-{000000..000002}.tar")], progress=False).problems) == 2
 
 
+def test_verify_catches_a_tar_cut_at_a_block_boundary_and_bad_captions(tmp_path):
+    _build(source="shapes", count=8, samples_per_shard=4, output=str(tmp_path))
+    shard = tmp_path / "shapes-train-000000.tar"
+    data = shard.read_bytes()
+    # cut after a member, where tarfile itself sees nothing wrong: only the end-of-archive marker is missing
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()
+    cut = members[5].offset
+    shard.write_bytes(data[:cut])
+    other = tmp_path / "shapes-train-000001.tar"
+    with tarfile.open(other) as archive:
+        entries = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(other, "w") as archive:
+        for member, payload in entries:
+            if member.name.endswith(".txt") and member.name.startswith(entries[0][0].name.split(".")[0]):
+                payload = b"caf\xe9"  # latin-1, not UTF-8
+                member.size = len(payload)
+            archive.addfile(member, io.BytesIO(payload))
+    problems = verify([str(tmp_path)], progress=False).problems
+    assert any("shapes-train-000000.tar: unreadable tar" in p and "end-of-archive marker" in p
+               and "sizes.json says 4" in p for p in problems), problems
+    assert any("shapes-train-000001.tar" in p and "not UTF-8" in p for p in problems), problems
+
+
 def test_verify_catches_shards_missing_from_sizes(tmp_path):
     _build(source="shapes", count=4, samples_per_shard=2, output=str(tmp_path))
     (tmp_path / "shapes-train-000001.tar").rename(tmp_path / "other-000000.tar")
     problems = verify([str(tmp_path)], progress=False).problems
     assert any("other-000000.tar is not listed" in p for p in problems)
-    assert any("shapes-train-000001.tar listed in sizes.json is missing" in p for p in problems)
+    assert any("shapes-train-000001.tar listed in sizes.json is missing (2 samples)" in p for p in problems)
 
 
 def test_rebuild_with_fewer_shards_removes_stale_ones(tmp_path):
