@@ -1,5 +1,6 @@
 """Checkpoints: DeepSpeed's engine state plus ours, atomic, keep-last-K, local or any fsspec URL;
-and the `export` command that writes open_clip-loadable weights.
+what a run starts from (fresh, or which checkpoint, checked before anything is written); and the
+`export` command that writes open_clip-loadable weights.
 
     python -m pipeline export runs/demo-clip runs/demo-clip/open_clip.pt
 
@@ -11,10 +12,20 @@ Layout of a checkpoint directory (local, or `s3://bucket/prefix`):
 
 Atomicity: locally every rank writes into `.tmp-step_...`, rank 0 renames it once all ranks have
 finished, and only then rewrites `latest` (temp file + rename). Remotely, ranks stage locally and
-upload into the tag's prefix; `latest` is uploaded after every rank's upload completed. A crash at
-any point leaves `latest` naming the previous complete checkpoint. `latest` is the commit point:
-a tag newer than it is the remains of an interrupted save, never loaded, and removed by the next
-save; keep-last-K counts only complete checkpoints.
+upload into the tag's prefix, each rank's trainer state last; `latest` is uploaded after every
+rank's upload completed. A crash at any point leaves `latest` naming the previous complete
+checkpoint. `latest` is the commit point: a tag newer than it is never loaded.
+
+Ownership: a run deletes or rewrites only what belongs to it. `plan_start` refuses a fresh start
+(train.resume=none) into a directory that holds checkpoints unless train.overwrite=true; keep-last-K
+rotates the complete checkpoints of the run being continued (or those this run wrote); an unfinished
+save is removed only by the manager that started it. Anything else found there is left alone.
+
+Resume: `plan_start` decides on rank 0, for every rank, what to start from: train.resume=auto takes
+the newest complete checkpoint whose files all open, skipping (with a warning naming the file) any
+that do not; an explicitly named checkpoint that is missing or unreadable is a ConfigError. It also
+compares the checkpoint's saved run config with this run's (RESUME_KEYS, world size) and names every
+difference, all before config.yaml is written or an engine is built.
 
 `load_model_from_run(run_dir)` turns a run's latest checkpoint (any ZeRO stage, local or remote)
 into a ContrastiveModel on CPU, for evaluation and export.
@@ -23,12 +34,14 @@ into a ContrastiveModel on CPU, for evaluation and export.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import random
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +56,18 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
+TRAINER_STATE_PATTERN = re.compile(r"^trainer_state_rank(\d+)\.pt$")
+
+# Run settings a resume must keep, as dotted RunConfig keys: they shape the parameters (model), how
+# DeepSpeed partitions and stores the optimizer (ZeRO stage, precision), or the data plan whose
+# position the checkpoint holds (epoch order from seed, world size, workers; batches per step).
+# Everything else (learning rate, steps, logging, evaluation, storage settings) may change on resume.
+RESUME_KEYS = (
+    "model.name", "model.modality", "model.probabilistic", "model.logit_bias", "model.audio",
+    "train.zero_stage", "train.precision", "train.global_batch_size", "train.accum_steps", "train.seed",
+    "data.train_urls", "data.weights", "data.modality", "data.workers", "data.shuffle_buffer", "data.resampled",
+    "data.epoch_samples",
+)
 
 
 def tag_for_step(step: int) -> str:
@@ -63,7 +88,23 @@ def _fs(url: str, storage_options: dict[str, Any] | None = None):
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """`error` as a short single line, for messages that must stay one line."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# -- random state ---------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (torch.manual_seed seeds every CUDA device too),
+    so that nothing a run draws from a global generator depends on the process it happens to run in."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
+    """Every global generator's state: Python, numpy, torch CPU and (once CUDA is in use) every CUDA device."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -71,11 +112,37 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put every generator `rng_state` recorded back where it was: the next draws equal those the saving
+    process would have made."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- checks ---------------------------------------------------------------------------------------
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of `module` is finite, agreed by every rank.
+
+    One max-abs reduction per dtype over all parameters (under ZeRO-3 each rank's own partition), one
+    all-reduce of the result when a process group is up, and one host read: cheap enough before each save."""
+    tensors = [getattr(parameter, "ds_tensor", parameter).detach() for parameter in module.parameters()]
+    tensors = [tensor for tensor in tensors if tensor.numel()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    finite = torch.ones((), dtype=torch.int32, device=device)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        # the inf-norm is the largest |x|: it cannot overflow, and NaN or inf anywhere makes it non-finite
+        peak = torch.stack(torch._foreach_norm(group, float("inf"))).amax()
+        finite = finite & torch.isfinite(peak).to(torch.int32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if torch.distributed.get_backend() == "nccl" and finite.device.type != "cuda":
+            finite = finite.cuda()
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def check_reachable(url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -95,8 +162,106 @@ def check_reachable(url: str, storage_options: dict[str, Any] | None = None) -> 
         raise ConfigError(f"checkpoint.dir '{url}' is not reachable or not writable: {error}") from None
 
 
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def check_resume_compatible(trainer_state: dict[str, Any], run_config: dict[str, Any] | None, world_size: int,
+                            source: str) -> None:
+    """ConfigError naming every setting in which this run (`run_config`, a RunConfig as a dict, and
+    `world_size`) differs from the run that saved `trainer_state` where resuming needs them equal
+    (RESUME_KEYS); keys the checkpoint does not record are not compared."""
+    differences = []
+    saved_world = trainer_state.get("world_size")
+    if saved_world is not None and saved_world != world_size:
+        differences.append(f"world size {saved_world} in the checkpoint, {world_size} now")
+    saved_config = trainer_state.get("config")
+    if saved_config and run_config:
+        for key in RESUME_KEYS:
+            saved, current = _lookup(saved_config, key), _lookup(run_config, key)
+            if saved is not _MISSING and current is not _MISSING and saved != current:
+                differences.append(f"{key} {saved!r} in the checkpoint, {current!r} now")
+    if not differences:
+        return
+    advice = "resume with the checkpoint's settings, or start a new run (another train.name)"
+    if saved_world is not None and saved_world != world_size:
+        advice += "; changing the world size needs DeepSpeed's universal checkpoint conversion (ds_to_universal.py)"
+    raise ConfigError(f"cannot resume from '{source}': {'; '.join(differences)}: {advice}")
+
+
+def _open(source: Path | io.BytesIO) -> tuple[Any, str | None]:
+    """(what torch.load reads from `source`, None), or (None, why it cannot). A path is memory-mapped: its
+    tensors are mapped, not read, so opening a large optimizer-state file costs little."""
+    # torch.save writes a zip archive whose directory is at the end: without it, the file was cut short
+    # (or is something else); torch's own message for that case only talks about mmap
+    zipped = zipfile.is_zipfile(source)
+    try:
+        if isinstance(source, Path) and zipped:
+            return torch.load(source, map_location="cpu", weights_only=False, mmap=True), None
+        if not isinstance(source, Path):
+            source.seek(0)
+        return torch.load(source, map_location="cpu", weights_only=False), None  # pre-zip torch.save format
+    except Exception as error:  # whatever torch or pickle raises, the file cannot be resumed from
+        if not zipped:
+            return None, "truncated, or not a PyTorch checkpoint: it has no zip directory"
+        return None, _one_line(error)
+
+
+def _world_size_of(trainer_state: Any) -> int:
+    return int(trainer_state.get("world_size") or 1) if isinstance(trainer_state, dict) else 1
+
+
+def _recorded_zero_stage(trainer_state: Any) -> int | None:
+    """The ZeRO stage in the run config a trainer state carries, if it carries one."""
+    stage = _lookup(trainer_state, "config.train.zero_stage") if isinstance(trainer_state, dict) else _MISSING
+    return None if stage is _MISSING else int(stage)
+
+
+def _missing_files(names: set[str], world_size: int, zero_stage: int | None) -> str | None:
+    """What a checkpoint of `world_size` ranks at `zero_stage` (None: as the file names say) listing `names`
+    lacks, or None when nothing is missing."""
+    for rank in range(world_size):
+        if _trainer_state_name(rank) not in names:
+            return f"{_trainer_state_name(rank)} is missing"
+    if not any(name.endswith("model_states.pt") for name in names):
+        return "DeepSpeed's model states (*model_states.pt) are missing"
+    if zero_stage is None:
+        zero3 = any(re.search(r"zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$", name) for name in names)
+        partitioned = zero3 or any(name.endswith("optim_states.pt") for name in names)
+    else:
+        zero3, partitioned = zero_stage == 3, zero_stage > 0
+    for rank in range(world_size if partitioned else 0):
+        kinds = ("optim_states", "model_states") if zero3 else ("optim_states",)
+        for kind in kinds:
+            pattern = re.compile(rf"zero_pp_rank_{rank}_mp_rank_\d+_{kind}\.pt$")
+            if not any(pattern.search(name) for name in names):
+                return f"DeepSpeed's zero_pp_rank_{rank}_*_{kind}.pt is missing"
+    return None
+
+
+def _saved_zero_stage(tag_dir: Path) -> int | None:
+    """The ZeRO stage a local DeepSpeed checkpoint was written at (from the config DeepSpeed stores with it)."""
+    model_states = sorted(tag_dir.glob("*model_states.pt"))
+    if not model_states:
+        return None
+    try:
+        state = torch.load(model_states[0], map_location="cpu", weights_only=False, mmap=True)
+        return int(state["ds_config"]["zero_optimization"]["stage"])
+    except Exception:  # an older or foreign layout: the engine's own load reports what is wrong
+        return None
+
+
 class CheckpointManager:
-    """Saves and restores checkpoints of one run; every rank calls `save` and `load` together."""
+    """Saves and restores checkpoints of one run; every rank calls `plan_start`, `resolve`, `save` and `load`
+    together."""
 
     def __init__(self, cfg: CheckpointConfig, run_dir: str | Path, rank: int, world_size: int):
         self.cfg = cfg
@@ -107,6 +272,11 @@ class CheckpointManager:
         staging = Path(cfg.staging_dir or Path(run_dir) / "checkpoint-staging")
         # per rank, so that ranks sharing a node never write into each other's staging files
         self.staging = staging / f"rank{rank}"
+        # what this run may delete: the tags it started writing and, once it continues the run whose
+        # checkpoints are there (train.resume=auto, or a checkpoint of this directory), every complete one
+        self._started: set[str] = set()
+        self._continues = False
+        self._left_alone: set[str] = set()
 
     # -- where things are -------------------------------------------------------------------------
     def _fs(self, url: str):
@@ -139,15 +309,210 @@ class CheckpointManager:
             names = os.listdir(self.url) if Path(self.url).is_dir() else []
         return sorted(name for name in names if TAG_PATTERN.match(name))
 
+    def _locate(self, tag_or_path: str) -> tuple[str, str]:
+        """(checkpoint directory, tag) of a tag of ours, a tag directory path, or a checkpoint directory
+        path (its `latest`)."""
+        if "/" not in tag_or_path:
+            return self.url, tag_or_path
+        path = tag_or_path.rstrip("/")
+        if is_remote(path):
+            fs, fs_path = self._fs(path)
+            if fs.isfile(f"{fs_path}/{LATEST}"):
+                return path, fs.cat_file(f"{fs_path}/{LATEST}").decode().strip()
+        elif (Path(path) / LATEST).is_file():
+            return path, (Path(path) / LATEST).read_text().strip()
+        root, tag = path.rsplit("/", 1)
+        return root, tag
+
+    def _is_ours(self, root: str) -> bool:
+        if is_remote(root) or self.remote:
+            return root.rstrip("/") == self.url.rstrip("/")
+        return Path(root).resolve() == Path(self.url).resolve()
+
+    def _source_name(self, root: str, tag: str) -> str:
+        """What `load` takes for (root, tag): the bare tag for our own directory, else the tag's path."""
+        return tag if root == self.url else f"{root.rstrip('/')}/{tag}"
+
+    # -- deciding what a run starts from ----------------------------------------------------------
+    def problem(self, tag_or_path: str) -> str | None:
+        """None when the checkpoint can be resumed from: every rank's trainer state and every DeepSpeed file
+        present and (locally) opening; else what is wrong, naming the file. Remote checkpoints are checked by
+        listing and by their trainer state; `load` opens the rest after downloading."""
+        root, tag = self._locate(tag_or_path)
+        if is_remote(root):
+            return self._remote_problem(root, tag)
+        return _local_problem(Path(root) / tag)
+
+    def _remote_problem(self, root: str, tag: str) -> str | None:
+        fs, base = self._fs(f"{root.rstrip('/')}/{tag}")
+        if not fs.exists(base):
+            return "it does not exist"
+        sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size") or 0
+                 for entry in fs.ls(base, detail=True) if entry.get("type") != "directory"}
+        if _trainer_state_name(0) not in sizes:
+            return f"{_trainer_state_name(0)} is missing"
+        trainer_state, error = _open(io.BytesIO(fs.cat_file(f"{base}/{_trainer_state_name(0)}")))
+        if error is not None:
+            return f"{_trainer_state_name(0)} is unreadable ({error})"
+        missing = _missing_files(set(sizes), _world_size_of(trainer_state), _recorded_zero_stage(trainer_state))
+        if missing:
+            return missing
+        empty = sorted(name for name, size in sizes.items() if name.endswith(".pt") and not size)
+        return f"{empty[0]} is empty" if empty else None
+
+    def read_trainer_state(self, tag_or_path: str, rank: int = 0) -> dict[str, Any]:
+        """Rank `rank`'s trainer state of a checkpoint, without touching the rest (remote: that file only)."""
+        root, tag = self._locate(tag_or_path)
+        name = _trainer_state_name(rank)
+        if is_remote(root):
+            fs, base = self._fs(f"{root.rstrip('/')}/{tag}")
+            return torch.load(io.BytesIO(fs.cat_file(f"{base}/{name}")), map_location="cpu", weights_only=False)
+        return torch.load(Path(root) / tag / name, map_location="cpu", weights_only=False)
+
+    def check_fresh_start(self, overwrite: bool) -> None:
+        """For a fresh start (train.resume=none): ConfigError when the checkpoint directory already holds
+        checkpoints, naming the directory and the ways out; with `overwrite`, rank 0 deletes them instead.
+        Local to this process (no collective): `plan_start` calls it on rank 0 for every rank."""
+        tags, latest = self.tags(), self.latest_tag()
+        if not tags and latest is None:
+            return
+        if overwrite:
+            if self.rank == 0:
+                for tag in tags:
+                    self._remove(tag)
+                self._remove(LATEST)
+                if not self.remote:
+                    for leftover in Path(self.url).glob(TMP_PREFIX + "*"):
+                        self._remove(leftover.name)
+                log.warning("checkpoint: train.overwrite=true: deleted %d checkpoint(s) of an earlier run in %s",
+                            len(tags), self.url)
+            return
+        raise self._fresh_start_refused()
+
+    def _fresh_start_refused(self) -> ConfigError:
+        tags = self.tags()
+        newest = self.latest_tag() or (tags[-1] if tags else "none")
+        other_place = "another checkpoint.dir" if self.cfg.dir else "another train.name"
+        return ConfigError(
+            f"checkpoint directory '{self.url}' already holds checkpoints of an earlier run (newest {newest}) and "
+            f"a fresh start would write over them: continue that run with train.resume=auto, start a new one with "
+            f"{other_place}, or replace it with train.overwrite=true"
+        )
+
+    def _resolve_here(self, resume: str) -> str | None:
+        """`resolve` on this process alone: no collective."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            latest = self.latest_tag()
+            # newest first; `latest` itself even if its directory is gone (reported and skipped below).
+            # Without `latest` (never committed, or lost) every tag is a candidate.
+            tags = self.tags()
+            candidates = sorted({tag for tag in tags if latest is None or tag <= latest} | ({latest} - {None}),
+                                reverse=True)
+            skipped = []
+            for tag in candidates:
+                problem = self.problem(tag)
+                if problem is None:
+                    return tag
+                log.warning("checkpoint: train.resume=auto skips %s: %s", self._join(tag), problem)
+                skipped.append(f"{tag}: {problem}")
+            if latest is None:
+                return None  # nothing was ever committed here: a fresh start (what is there is left alone)
+            raise ConfigError(
+                f"train.resume=auto: no checkpoint in '{self.url}' can be resumed from ({'; '.join(skipped)}): "
+                "name a good one with train.resume=PATH, or start afresh with train.resume=none train.overwrite=true"
+            )
+        root, tag = self._locate(resume)
+        problem = self.problem(resume)
+        if problem is not None:
+            where = f"{root.rstrip('/')}/{tag}"
+            raise ConfigError(f"train.resume={resume}: cannot resume from checkpoint '{where}': {problem}")
+        return self._source_name(root, tag)
+
+    def _agreed(self, decide, *args) -> Any:
+        """`decide(*args)` on rank 0, its result (or its ConfigError) on every rank."""
+        outcome: tuple[str, Any] | None = None
+        if self.rank == 0:
+            try:
+                outcome = ("ok", decide(*args))
+            except ConfigError as error:
+                outcome = ("config", str(error))
+            except Exception as error:  # the others must not wait for an answer that never comes
+                outcome = ("failed", f"{type(error).__name__}: {_one_line(error)}")
+                distributed.broadcast_object(outcome)
+                raise
+        outcome = distributed.broadcast_object(outcome)
+        kind, value = outcome
+        if kind == "config":
+            raise ConfigError(value)
+        if kind == "failed":
+            raise RuntimeError(f"rank 0 failed to read checkpoint directory '{self.url}': {value}")
+        return value
+
+    def resolve(self, resume: str) -> str | None:
+        """train.resume -> the checkpoint tag (ours) or tag path (elsewhere) to load, or None for a fresh start.
+        'auto' skips checkpoints that cannot be resumed from, newest first; a named one that cannot is a
+        ConfigError. Decided on rank 0; every rank gets the same answer."""
+        source = self._agreed(self._resolve_here, resume)
+        self._note_continuation(resume, source)
+        return source
+
+    def _note_continuation(self, resume: str, source: str | None) -> None:
+        # resume=auto, or a checkpoint of our own directory: what is there is this run's own, which
+        # keep-last-K rotates and a save of the same step replaces
+        self._continues = resume == "auto" or (source is not None and self._is_ours(self._locate(source)[0]))
+
+    def plan_start(self, resume: str, overwrite: bool = False, run_config: dict[str, Any] | None = None) -> str | None:
+        """What this run starts from, checked in full before the run writes anything (config.yaml included)
+        or builds an engine: the checkpoint to `load` (tag or path), or None for a fresh start.
+
+        - train.resume=none (or a checkpoint outside our directory): our checkpoint directory must hold no
+          checkpoints, or `overwrite` deletes them; else ConfigError (`check_fresh_start`).
+        - 'auto' / a named checkpoint: as `resolve`. 'auto' with nothing ever committed here starts afresh.
+        - resuming: ConfigError naming every setting of `run_config` (RunConfig as a dict) or the world size
+          that differs from the checkpoint's (`check_resume_compatible`).
+        Decided on rank 0 (ConfigErrors included); every rank gets the same answer."""
+        source = self._agreed(self._plan_here, resume, overwrite, run_config)
+        self._note_continuation(resume, source)
+        return source
+
+    def _plan_here(self, resume: str, overwrite: bool, run_config: dict[str, Any] | None) -> str | None:
+        source = self._resolve_here(resume)
+        if resume == "none" or (source is not None and not self._is_ours(self._locate(source)[0])):
+            self.check_fresh_start(overwrite)
+        if source is not None:
+            trainer_state = self.read_trainer_state(source)
+            check_resume_compatible(trainer_state, run_config, self.world_size, source)
+        return source
+
     # -- save -----------------------------------------------------------------------------------
     def save(self, engine, step: int, trainer_state: dict[str, Any]) -> str:
-        """Write a checkpoint of `engine` + this rank's `trainer_state`; returns its tag."""
+        """Write a checkpoint of `engine` + this rank's `trainer_state`; returns its tag. Refuses
+        (FloatingPointError) a model with non-finite weights: such a checkpoint could only be resumed into
+        the same divergence, and keep-last-K would rotate good ones out for it."""
+        if not all_finite(engine.module):
+            raise FloatingPointError(
+                f"not saving the checkpoint of step {step}: the model has non-finite weights (training diverged); "
+                "lower optim.lr or check the data, and resume from the last checkpoint"
+            )
         tag = tag_for_step(step)
         tmp_tag = TMP_PREFIX + tag
-        # A run resumed at its last step saves again at that step: that checkpoint is complete and
-        # `latest` names it, so rewriting it in place would only open a window where a crash loses it.
-        if distributed.broadcast_object(self.latest_tag() == tag if self.rank == 0 else None):
+        verdict = None
+        if self.rank == 0:
+            # A run resumed at its last step saves again at that step: that checkpoint is complete and
+            # `latest` names it, so rewriting it in place would only open a window where a crash loses it.
+            if self.latest_tag() == tag:
+                verdict = "saved"
+            elif not self._continues and any(other not in self._started for other in self.tags()):
+                verdict = "foreign"
+        verdict = distributed.broadcast_object(verdict)
+        if verdict == "saved":
             return tag
+        if verdict == "foreign":
+            # the caller skipped plan_start: refuse now rather than mix this run's checkpoints with another's
+            raise self._fresh_start_refused()
+        self._started.add(tag)
         if self.remote:
             # stage the whole directory locally, then upload this rank's files into the tag prefix
             local_root = self.staging
@@ -164,7 +529,7 @@ class CheckpointManager:
         else:
             root = Path(self.url)
             if self.rank == 0:
-                shutil.rmtree(root / tmp_tag, ignore_errors=True)
+                shutil.rmtree(root / tmp_tag, ignore_errors=True)  # an earlier attempt at this same step
             distributed.barrier()
             engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
             torch.save(trainer_state, root / tmp_tag / _trainer_state_name(self.rank))
@@ -181,10 +546,12 @@ class CheckpointManager:
 
     def _upload(self, local_dir: Path, tag: str) -> None:
         fs, base = self._fs(self._join(tag))
-        for path in sorted(local_dir.rglob("*")):
-            if path.is_file():
-                relative = path.relative_to(local_dir).as_posix()
-                fs.put_file(str(path), f"{base.rstrip('/')}/{relative}")
+        files = [path for path in sorted(local_dir.rglob("*")) if path.is_file()]
+        # the trainer state last: a rank's trainer state in the tag means all of that rank's files are there
+        files.sort(key=lambda path: TRAINER_STATE_PATTERN.match(path.name) is not None)
+        for path in files:
+            relative = path.relative_to(local_dir).as_posix()
+            fs.put_file(str(path), f"{base.rstrip('/')}/{relative}")
 
     def _write_latest(self, tag: str) -> None:
         if self.remote:
@@ -193,39 +560,54 @@ class CheckpointManager:
             return
         root = Path(self.url)
         fd, tmp = tempfile.mkstemp(dir=root, prefix=TMP_PREFIX + LATEST)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(tag)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, root / LATEST)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(tag)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, root / LATEST)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
-    def _remove(self, tag: str) -> None:
+    def _remove(self, name: str) -> None:
         if self.remote:
-            fs, path = self._fs(self._join(tag))
+            fs, path = self._fs(self._join(name))
             if fs.exists(path):
                 fs.rm(path, recursive=True)
+        elif (Path(self.url) / name).is_dir():
+            shutil.rmtree(Path(self.url) / name, ignore_errors=True)
         else:
-            shutil.rmtree(Path(self.url) / tag, ignore_errors=True)
+            (Path(self.url) / name).unlink(missing_ok=True)
+
+    def _is_complete(self, tag: str) -> bool:
+        """Every rank's files are in `tag`: locally its directory exists only once renamed from the temp
+        one; remotely every rank's trainer state is there, each uploaded after the rest of its rank's files."""
+        if not self.remote:
+            return True
+        fs, base = self._fs(self._join(tag))
+        names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(base, detail=False)}
+        return all(_trainer_state_name(rank) in names for rank in range(self.world_size))
 
     def _prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; drop older ones and unfinished saves."""
+        """Keep the newest `keep_last` complete checkpoints of this run; remove this run's unfinished saves.
+        Checkpoints this run may not delete (see the module docstring) are left alone, with a warning."""
         latest = self.latest_tag()
-        tags = self.tags()
-        # tags sort by step; anything after `latest` was never committed (a save cut short)
-        complete = [tag for tag in tags if latest is not None and tag <= latest]
-        unfinished = [tag for tag in tags if latest is None or tag > latest]
+        committed = [tag for tag in self.tags() if latest is not None and tag <= latest]
+        complete = [tag for tag in committed if (self._continues or tag in self._started) and self._is_complete(tag)]
         for tag in complete[:-self.cfg.keep_last]:
             self._remove(tag)
             log.info("checkpoint: removed old %s (keep_last=%d)", tag, self.cfg.keep_last)
-        for tag in unfinished:
-            self._remove(tag)
-            log.warning("checkpoint: removed %s, left unfinished by an interrupted save", tag)
-        if not self.remote:
-            for stale in Path(self.url).glob(TMP_PREFIX + "*"):
-                if stale.is_dir():
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    stale.unlink(missing_ok=True)
+        kept = set(complete)
+        for tag in self.tags():
+            if tag in kept:
+                continue
+            if tag in self._started and tag != latest:
+                self._remove(tag)
+                log.warning("checkpoint: removed %s, left unfinished by an interrupted save of this run", tag)
+            elif tag not in self._left_alone:
+                self._left_alone.add(tag)
+                log.warning("checkpoint: leaving %s alone: not a complete checkpoint this run wrote or continues "
+                            "from (it is never loaded; delete it by hand if it is not needed)", self._join(tag))
 
     # -- load -----------------------------------------------------------------------------------
     def download(self, tag: str, local_root: str | Path, root: str | None = None) -> str:
@@ -234,7 +616,7 @@ class CheckpointManager:
         root = (root or self.url).rstrip("/")
         fs, base = self._fs(f"{root}/{tag}")
         if not fs.exists(base):
-            raise FileNotFoundError(f"checkpoint '{root}/{tag}' does not exist")
+            raise ConfigError(f"checkpoint '{root}/{tag}' does not exist")
         destination = Path(local_root) / tag
         files = [path for path in fs.find(base) if not path.endswith("/")]
         for remote_path in files:
@@ -242,44 +624,68 @@ class CheckpointManager:
             local_path.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote_path, str(local_path))
         if not files:
-            raise FileNotFoundError(f"checkpoint '{root}/{tag}' is empty")
+            raise ConfigError(f"checkpoint '{root}/{tag}' is empty")
         return str(local_root)
 
-    def resolve(self, resume: str) -> str | None:
-        """train.resume -> the checkpoint path or tag to load, or None for a fresh start."""
-        if resume == "none":
-            return None
-        if resume == "auto":
-            return self.latest_tag()
-        return resume
-
     def load(self, engine, tag_or_path: str) -> dict[str, Any]:
-        """Restore engine + this rank's trainer state from a tag in our directory or a tag directory path."""
-        if "/" in tag_or_path:
-            root, tag = tag_or_path.rstrip("/").rsplit("/", 1)
-        else:
-            root, tag = self.url, tag_or_path
+        """Restore engine + this rank's trainer state from what `resolve` / `plan_start` returned."""
+        root, tag = self._locate(tag_or_path)
+        where = f"{root.rstrip('/')}/{tag}"
         if is_remote(root):
             local_root = self.staging / "download"
             shutil.rmtree(local_root, ignore_errors=True)
             root = self.download(tag, local_root, root=root)
+            problem = _local_problem(Path(root) / tag)  # the remote check could not open the files
+            if problem is not None:
+                raise ConfigError(f"cannot resume from checkpoint '{where}': {problem}")
         state_path = Path(root) / tag / _trainer_state_name(self.rank)
         if not state_path.is_file():
-            raise FileNotFoundError(f"checkpoint '{Path(root) / tag}' has no {state_path.name}")
+            raise ConfigError(f"cannot resume from checkpoint '{where}': it has no {state_path.name}")
         trainer_state = torch.load(state_path, map_location="cpu", weights_only=False)
-        saved_world = trainer_state.get("world_size")
-        if saved_world != self.world_size:
+        check_resume_compatible({"world_size": trainer_state.get("world_size")}, None, self.world_size, where)
+        # a stage mismatch fails inside DeepSpeed with an unrelated message ("'NoneType' object has no
+        # attribute 'copy'", a bare AssertionError, a missing file): say what it is
+        saved_stage, stage = _saved_zero_stage(Path(root) / tag), engine.zero_optimization_stage()
+        if saved_stage is not None and saved_stage != stage:
             raise ConfigError(
-                f"checkpoint '{tag}' was written by {saved_world} ranks but this run has {self.world_size}: "
-                "resume with the same world size (changing it needs DeepSpeed's universal checkpoint conversion, "
-                "ds_to_universal.py)"
+                f"cannot resume from '{where}': it was written at ZeRO stage {saved_stage}, this run uses "
+                f"train.zero_stage={stage}: resume with train.zero_stage={saved_stage} (changing the stage needs "
+                "DeepSpeed's universal checkpoint conversion, ds_to_universal.py)"
             )
         load_path, _ = engine.load_checkpoint(
             root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load checkpoint '{root}/{tag}'")
+            raise ConfigError(f"DeepSpeed found no checkpoint to load in '{where}'")
+        if self._is_ours(self._locate(tag_or_path)[0]):
+            self._continues = True
         return trainer_state
+
+
+def _local_problem(tag_dir: Path) -> str | None:
+    """`CheckpointManager.problem` for a local tag directory: every expected file present and opening."""
+    if not tag_dir.is_dir():
+        return "it does not exist"
+    names = {path.name for path in tag_dir.iterdir() if path.is_file()}
+    state_path = tag_dir / _trainer_state_name(0)
+    if not state_path.is_file():
+        return f"{state_path.name} is missing"
+    trainer_state, error = _open(state_path)
+    if error is not None:
+        return f"{state_path.name} is unreadable ({error})"
+    # what DeepSpeed recorded with its model states, else the stage in our run config
+    zero_stage = _saved_zero_stage(tag_dir)
+    if zero_stage is None:
+        zero_stage = _recorded_zero_stage(trainer_state)
+    missing = _missing_files(names, _world_size_of(trainer_state), zero_stage)
+    if missing is not None:
+        return missing
+    for name in sorted(names - {state_path.name}):
+        if name.endswith(".pt"):
+            _, error = _open(tag_dir / name)
+            if error is not None:
+                return f"{name} is unreadable ({error})"
+    return None
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -309,16 +715,28 @@ def load_model_from_run(run_dir: str | Path, tag: str | None = None):
     from pipeline.models import build_model
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory '{run_dir}' does not exist")
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"'{run_dir}' is not a run directory: it has no config.yaml")
+        raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
     cfg = load_config(RunConfig, config_path)
     manager = CheckpointManager(cfg.checkpoint, run_dir, rank=0, world_size=1)
     tag = tag or manager.latest_tag()
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint under '{manager.url}' (no '{LATEST}' file): train longer")
+        raise ConfigError(f"no checkpoint under '{manager.url}' (no '{LATEST}' file): train longer")
+    problem = manager.problem(tag)
+    if problem is not None:
+        others = [other for other in manager.tags() if other != tag]
+        hint = f" (other checkpoints: {', '.join(others)}; pick one with --tag)" if others else ""
+        raise ConfigError(f"checkpoint '{manager._join(tag)}' cannot be read: {problem}{hint}")
     with tempfile.TemporaryDirectory() as scratch:
-        root = manager.download(tag, scratch) if manager.remote else manager.url
+        root = manager.url
+        if manager.remote:
+            root = manager.download(tag, scratch)
+            problem = _local_problem(Path(root) / tag)  # remote files can be opened only once downloaded
+            if problem is not None:
+                raise ConfigError(f"checkpoint '{manager._join(tag)}' cannot be read: {problem}")
         weights = consolidated_state_dict(root, tag)
     # the checkpoint holds every weight: no need to read model.pretrained (which may no longer exist)
     model = build_model(dataclasses.replace(cfg.model, pretrained=""))

@@ -10,12 +10,20 @@
 
 Each command lives in its own module, which registers its sub-parser through
 `register_cli(subparsers)`; modules are imported only as far as building the parser needs.
+
+Exit status: 0 done; 2 the user's to fix, with one line `error: ...` on stderr and no traceback (a bad
+or unknown setting, a missing or unreadable run, checkpoint or file: ConfigError; a diverged run:
+FloatingPointError, "loss is nan at step N"); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
+(pipeline.preemption: requeue and resume with train.resume=auto); anything else is a bug or an
+environment failure and keeps its traceback (1). Under a launcher only rank 0 prints the line; every
+rank exits with the same status.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module that registers it
@@ -49,20 +57,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERROR_EXIT_CODE = 2
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher announced it (torchrun / deepspeed: RANK; srun: SLURM_PROCID);
+    0 for a plain process."""
+    for variable in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def report(message: str) -> None:
+    """One line on stderr, from rank 0 only: every rank meets the same error, the user needs it once."""
+    if launcher_rank() == 0:
+        if "tqdm" in sys.modules:
+            # a progress bar left open by the error would run into the message: end its line first
+            for bar in list(getattr(sys.modules["tqdm"].tqdm, "_instances", ())):
+                bar.close()
+        print(" ".join(message.split()), file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
+    from pipeline.preemption import Preempted
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USER_ERROR_EXIT_CODE
     try:
         return int(args.func(args) or 0)
-    except ConfigError as error:
-        # a bad setting is the user's to fix: say which, without a traceback
-        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (ConfigError, FloatingPointError) as error:
+        # a bad setting, a missing or unreadable input, or a diverged run: the message names what to fix,
+        # a traceback (from every rank) would only bury it
+        report(f"error: {error}")
+        return USER_ERROR_EXIT_CODE
+    except Preempted as stop:
+        report(str(stop))
+        return stop.exit_code
 
 
 if __name__ == "__main__":

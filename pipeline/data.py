@@ -1098,6 +1098,9 @@ class StreamingLoader:
             dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init if cfg.workers else None,
             timeout=cfg.worker_timeout if cfg.workers else 0,
+            # its own generator: otherwise every new iterator draws from the global torch RNG, and a resumed
+            # run (which restores that RNG before its first iterator) would continue it from another position
+            generator=torch.Generator(),
         )
 
     def __len__(self) -> int:

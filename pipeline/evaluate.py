@@ -339,40 +339,32 @@ def format_table(metrics: dict[str, float]) -> str:
 # -- the `eval` command ---------------------------------------------------------------------------
 
 def _load_model(source: Path, config_path: str | None, overrides: list[str]):
-    """(model, RunConfig) from a run directory or an exported .pt with its config."""
+    """(model, RunConfig) from a run directory or an exported .pt with its config; ConfigError naming what
+    is missing or unreadable."""
     from pipeline.config import ConfigError, RunConfig, load_config
     from pipeline.models import build_model
 
     if source.is_dir():
+        from pipeline.checkpoint import load_model_from_run
+
         config_path = config_path or str(source / "config.yaml")
         if not Path(config_path).is_file():
             raise ConfigError(f"'{source}' is not a run directory: it has no config.yaml (or pass --config)")
         cfg = load_config(RunConfig, config_path, overrides)
-        from pipeline import checkpoint
-
-        loader = getattr(checkpoint, "load_model_from_run", None)
-        if loader is not None:
-            loaded = loader(source)
-            return (loaded[0] if isinstance(loaded, tuple) else loaded), cfg
-        # consolidate the latest DeepSpeed checkpoint ourselves (any ZeRO stage; local checkpoints)
-        manager = checkpoint.CheckpointManager(cfg.checkpoint, source, rank=0, world_size=1)
-        tag = manager.latest_tag()
-        if tag is None:
-            raise FileNotFoundError(f"no checkpoint in '{manager.url}' (no 'latest' file): train longer or "
-                                    "pass an exported .pt with --config")
-        if manager.remote:
-            raise ValueError(f"checkpoints of '{source}' are remote ({manager.url}): run "
-                             f"`python -m pipeline export {source} OUT.pt` and evaluate OUT.pt")
-        model = build_model(cfg.model)
-        model.load_state_dict(checkpoint.consolidated_state_dict(manager.url, tag))
+        # the latest checkpoint, consolidated from any ZeRO stage, local or remote
+        model, _ = load_model_from_run(source)
         return model, cfg
     if not source.is_file():
-        raise FileNotFoundError(f"'{source}' is neither a run directory nor a weights file")
+        raise ConfigError(f"'{source}' is neither a run directory nor a weights file")
     # an exported .pt: the run's config.yaml beside it unless --config names one
     config_path = config_path or (str(source.parent / "config.yaml") if (source.parent / "config.yaml").is_file()
                                   else None)
     if config_path is None:
         raise ConfigError(f"weights file '{source}' needs --config (the YAML config it was trained with)")
+    try:
+        torch.load(source, map_location="cpu", weights_only=False, mmap=True)  # mapped, not read: cheap
+    except Exception as error:  # whatever torch or pickle raises, these are not weights we can load
+        raise ConfigError(f"weights file '{source}' cannot be read: {' '.join(str(error).split())[:200]}") from None
     # model.pretrained loads the weights: an open_clip state dict (image), ours (audio)
     cfg = load_config(RunConfig, config_path, [*overrides, f"model.pretrained={source}"])
     return build_model(cfg.model), cfg

@@ -351,13 +351,14 @@ def _truncate_keys(path: Path, step: int) -> None:
 
 def train(cfg) -> dict[str, Any]:
     """Run (or continue) training as configured; every rank calls it. Returns the last eval metrics."""
-    from pipeline.checkpoint import CheckpointManager, rng_state, set_rng_state
+    from pipeline.checkpoint import CheckpointManager, rng_state, seed_everything, set_rng_state
     from pipeline.data import build_loader, sum_stats_across_ranks
     from pipeline.evaluate import evaluate, read_classes
     from pipeline.losses import build_loss
     from pipeline.metrics import MetricsLogger
     from pipeline.models import build_model, get_tokenizer, image_size, media_transform
     from pipeline.plots import plot_run
+    from pipeline.preemption import Preempted, StopSignals
 
     world_size = int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
     micro = validate(cfg, world_size)  # before the process group, the model or any data is touched
@@ -366,12 +367,16 @@ def train(cfg) -> dict[str, Any]:
         raise RuntimeError(f"the launcher announced {world_size} ranks but the process group has {dist.world_size}")
     rank, device = dist.rank, dist.device
     run_dir = run_dir_of(cfg)
+    # what the run starts from, checked in full (decided on rank 0) before anything is written: a fresh
+    # start over another run's checkpoints, a missing or unreadable checkpoint, a changed setting
+    checkpoints = CheckpointManager(cfg.checkpoint, run_dir, rank, dist.world_size)
+    source = checkpoints.plan_start(cfg.train.resume, overwrite=cfg.train.overwrite, run_config=to_dict(cfg))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
 
     # model, optimizer, schedule, engine; the same init on every rank
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
     precision = distributed.resolve_precision(cfg.train.precision)
     compiled = should_compile(cfg.train.compile, device, cfg.train.zero_stage)
@@ -409,9 +414,7 @@ def train(cfg) -> dict[str, Any]:
     loss_fn = build_loss(cfg.loss, rank, dist.world_size)
 
     # resume
-    checkpoints = CheckpointManager(cfg.checkpoint, run_dir, rank, dist.world_size)
     step, samples_seen = 0, 0
-    source = checkpoints.resolve(cfg.train.resume)
     if source is not None:
         state = checkpoints.load(engine, source)
         step, samples_seen = state["step"], state["samples_seen"]
@@ -456,6 +459,10 @@ def train(cfg) -> dict[str, Any]:
     compile_timer = CompileTimer(compiled)
     first_step = step
 
+    # SIGTERM / SIGUSR1: finish the step, save, exit 75 (requeue); checkpoint.every_minutes: timed saves
+    stop_signals = StopSignals(every_minutes=cfg.checkpoint.every_minutes).install()
+    preempted = None
+
     engine.train()
     while step < stop_at:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
@@ -494,10 +501,21 @@ def train(cfg) -> dict[str, Any]:
         bar.update(1)
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
             last_eval = run_eval()
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < stop_at:
+        check = stop_signals.poll()  # every rank together: one all-reduce of two ints (gloo, CPU)
+        every_steps = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
+        if (every_steps or check.save_due or check.stop) and step < stop_at:
             window.settle()  # never checkpoint a model that has diverged since the last log step
             save()
+            stop_signals.saved()
+        if check.stop and step < stop_at:  # at stop_at the run ends as usual
+            preempted = Preempted(step, check.reason)
+            break
     bar.close()
+    stop_signals.uninstall()
+    if preempted is not None:
+        metrics_log.close()
+        distributed.barrier()
+        raise preempted
     if step >= cfg.train.steps:
         last_eval = run_eval()
     save()
@@ -558,7 +576,11 @@ def _demo_command(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
     ensure_embedded_shards(cfg)
     nproc = args.nproc or (max(1, min(2, torch.cuda.device_count())) if torch.cuda.is_available() else 2)
-    command = launch_command(args.config, args.overrides, nproc)
+    overrides = list(args.overrides)
+    if cfg.train.resume == "none" and not any(item.startswith("train.overwrite=") for item in overrides):
+        # the demo is run again and again: a fresh demo run replaces the previous one's checkpoints
+        overrides.append("train.overwrite=true")
+    command = launch_command(args.config, overrides, nproc)
     print("running:", " ".join(command), flush=True)
     started = time.time()
     result = subprocess.run(command)

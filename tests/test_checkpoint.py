@@ -1,21 +1,29 @@
-"""Checkpoints: s3:// destination and resume, keep-last-K, atomic save, resume=auto, bad checkpoint.dir.
+"""Checkpoints: s3:// destination and resume, keep-last-K, atomic save, resume=auto, bad checkpoint.dir;
+a run never deletes what it did not write; resume=auto skips unreadable checkpoints; incompatible resumes
+and ZeRO-stage changes are ConfigErrors before any work; no non-finite checkpoint; exact RNG state.
 
 Most tests drive CheckpointManager with a real DeepSpeed engine over the tiny CLIP in this process
 (world size 1, gloo), so each save and load is DeepSpeed's own; S3 is a real moto server on loopback.
+Agreement across ranks (rank 0 decides what to resume, all_finite) runs on 2 spawned gloo ranks.
 One test runs `train()` end to end (one spawned rank) against S3 with resume=auto.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline import checkpoint
 from pipeline.checkpoint import CheckpointManager, load_model_from_run
-from pipeline.config import CheckpointConfig, ConfigError, RunConfig, dump_config, load_config
+from pipeline.config import CheckpointConfig, ConfigError, RunConfig, dump_config, load_config, to_dict
 from tests.distributed_helpers import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,30 +154,42 @@ def test_interrupted_s3_upload_keeps_previous_checkpoint(process_group, bucket, 
     saved = _weights(engine)
     _train(engine, 1, 1)
 
-    # the connection drops after the first file of step 2 reached S3
+    # the connection drops after the first file of a save reached S3
     fs, _ = fsspec.core.url_to_fs(cfg.dir, **storage_options)  # the instance the manager uses (fsspec caches it)
-    real_put_file, uploads = fs.put_file, []
+    real_put_file = fs.put_file
 
-    def flaky_put_file(local, remote, *args, **kwargs):
-        if uploads:
-            raise ConnectionError("connection reset by peer (injected)")
-        uploads.append(remote)
-        return real_put_file(local, remote, *args, **kwargs)
+    def cut_after_first_file(save):
+        uploads = []
 
-    monkeypatch.setattr(fs, "put_file", flaky_put_file)
-    with pytest.raises(ConnectionError):
-        manager.save(engine, 2, _state(2))
-    monkeypatch.undo()
+        def flaky_put_file(local, remote, *args, **kwargs):
+            if uploads:
+                raise ConnectionError("connection reset by peer (injected)")
+            uploads.append(remote)
+            return real_put_file(local, remote, *args, **kwargs)
+
+        monkeypatch.setattr(fs, "put_file", flaky_put_file)
+        with pytest.raises(ConnectionError):
+            save()
+        monkeypatch.undo()
+
+    cut_after_first_file(lambda: manager.save(engine, 2, _state(2)))
     assert "step_00000002" in manager.tags(), "the partial upload should be there for this test to mean anything"
     assert manager.latest_tag() == "step_00000001"
+    assert "trainer_state_rank0.pt is missing" in manager.problem("step_00000002")  # uploaded last: not there
 
     restarted = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
     other = _engine(seed=1)
     assert restarted.load(other, restarted.resolve("auto"))["step"] == 1
     _assert_same_weights(_weights(other), saved)
-    # the next complete save commits and removes both the older checkpoint and the unfinished one
+    # the next complete save commits and rotates the older checkpoint out; the unfinished upload was
+    # started by another manager (the process that died): it is never loaded, and not this one's to delete
     restarted.save(other, 3, _state(3))
-    assert restarted.tags() == ["step_00000003"] and restarted.latest_tag() == "step_00000003"
+    assert restarted.tags() == ["step_00000002", "step_00000003"] and restarted.latest_tag() == "step_00000003"
+    assert restarted.resolve("auto") == "step_00000003"
+    # an unfinished save this manager started is its own to remove, at its next save
+    cut_after_first_file(lambda: restarted.save(other, 4, _state(4)))
+    restarted.save(other, 5, _state(5))
+    assert restarted.tags() == ["step_00000002", "step_00000005"] and restarted.latest_tag() == "step_00000005"
 
 
 # -- local ------------------------------------------------------------------------------------------
@@ -234,10 +254,256 @@ def _load_as_model(tmp_path: Path, cfg: CheckpointConfig):
 def test_load_model_from_run_without_checkpoint_names_the_directory(tmp_path):
     run_cfg = load_config(RunConfig, None, ["model.name=tiny-clip"])
     dump_config(run_cfg, tmp_path / "config.yaml")
-    with pytest.raises(FileNotFoundError, match="checkpoints"):
+    with pytest.raises(ConfigError, match="checkpoints"):
         load_model_from_run(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(ConfigError, match="no config.yaml"):
         load_model_from_run(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="run directory '.*nowhere' does not exist"):
+        load_model_from_run(tmp_path / "nowhere")
+
+
+# -- a run deletes only what it wrote -----------------------------------------------------------------
+def _tag_files(root: Path) -> dict[str, int]:
+    """Every file under `root` with its modification time: what a refused start must leave untouched."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_fresh_start_into_a_run_with_checkpoints_is_refused_and_overwrite_replaces_them(process_group, tmp_path):
+    cfg = CheckpointConfig(keep_last=2)
+    engine = _engine()
+    first = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    assert first.plan_start("none") is None  # an empty directory: a fresh start
+    for step in (8, 12):
+        first.save(engine, step, _state(step))
+    root = tmp_path / "run" / "checkpoints"
+    before = _tag_files(root)
+
+    again = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    with pytest.raises(ConfigError) as refused:
+        again.plan_start("none")
+    message = str(refused.value)
+    assert "\n" not in message and str(root) in message and "step_00000012" in message
+    for way_out in ("train.resume=auto", "another train.name", "train.overwrite=true"):
+        assert way_out in message
+    # without the up-front check (a caller that skipped plan_start), its first save still refuses to write
+    # among the earlier run's checkpoints
+    for step in (8, 16):
+        with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run"):
+            again.save(engine, step, _state(step))
+    assert _tag_files(root) == before
+
+    # continuing the run is allowed; so is replacing it when asked to
+    assert CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1).plan_start("auto") == "step_00000012"
+    replaced = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    assert replaced.plan_start("none", overwrite=True) is None
+    assert replaced.tags() == [] and replaced.latest_tag() is None
+    replaced.save(engine, 4, _state(4))
+    assert replaced.tags() == ["step_00000004"]
+
+    # an explicit checkpoint.dir names that setting as the way out, not train.name
+    shared = CheckpointManager(CheckpointConfig(dir=str(root)), tmp_path / "other", rank=0, world_size=1)
+    with pytest.raises(ConfigError, match="another checkpoint.dir"):
+        shared.plan_start("none")
+
+
+def test_continuing_run_leaves_saves_it_did_not_start_alone(process_group, tmp_path, caplog):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"), keep_last=2)
+    root = tmp_path / "ckpt"
+    engine = _engine()
+    first = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    first.save(engine, 1, _state(1))
+    first.save(engine, 2, _state(2))
+    # what an interrupted save of another process leaves: a temp directory, a tag newer than `latest`
+    shutil.copytree(root / "step_00000002", root / f"{checkpoint.TMP_PREFIX}step_00000007")
+    shutil.copytree(root / "step_00000002", root / "step_00000009")
+
+    resumed = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    assert resumed.plan_start("auto") == "step_00000002"  # `latest` is the commit point, not the newest tag
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        resumed.save(engine, 3, _state(3))
+    assert resumed.tags() == ["step_00000002", "step_00000003", "step_00000009"]  # step 1 rotated out
+    assert (root / f"{checkpoint.TMP_PREFIX}step_00000007").is_dir()
+    assert "leaving" in caplog.text and "step_00000009" in caplog.text
+    assert resumed.resolve("auto") == "step_00000003"
+
+
+# -- resume=auto skips what cannot be read ------------------------------------------------------------
+def _corrupt(path: Path, how: str) -> None:
+    if how == "garbage":
+        path.write_bytes(b"this is not a checkpoint" * 10)
+    elif how == "truncated":  # a copy or upload cut short: the zip's central directory is gone
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "missing":
+        path.unlink()
+
+
+def test_resume_auto_skips_unreadable_checkpoints_newest_first(process_group, tmp_path, caplog):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"), keep_last=4)
+    root = tmp_path / "ckpt"
+    engine = _engine(zero_stage=2)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    weights = {}
+    for step in (1, 2, 3, 4):
+        _train(engine, step - 1, 1)
+        manager.save(engine, step, _state(step))
+        weights[step] = _weights(engine)
+
+    _corrupt(root / "step_00000004" / "mp_rank_00_model_states.pt", "truncated")
+    _corrupt(root / "step_00000003" / "trainer_state_rank0.pt", "garbage")
+    _corrupt(root / "step_00000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "missing")
+    resumed = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert resumed.resolve("auto") == "step_00000001"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.checkpoint"]
+    assert len(warnings) == 3
+    assert "step_00000004" in warnings[0] and "mp_rank_00_model_states.pt is unreadable" in warnings[0]
+    assert "step_00000003" in warnings[1] and "trainer_state_rank0.pt is unreadable" in warnings[1]
+    assert "step_00000002" in warnings[2] and "zero_pp_rank_0_*_optim_states.pt is missing" in warnings[2]
+    other = _engine(zero_stage=2, seed=1)
+    assert resumed.load(other, "step_00000001") == _state(1)
+    _assert_same_weights(_weights(other), weights[1])
+
+    # a checkpoint named explicitly is taken or refused, never replaced by another
+    with pytest.raises(ConfigError, match=r"train.resume=step_00000004: .*mp_rank_00_model_states.pt is unreadable"):
+        resumed.resolve("step_00000004")
+    missing = tmp_path / "elsewhere" / "step_00000001"
+    with pytest.raises(ConfigError, match=re.escape(f"train.resume={missing}: cannot resume from checkpoint "
+                                                    f"'{missing}': it does not exist")):
+        resumed.resolve(str(missing))
+    # a checkpoint directory (its `latest`) and a tag directory path both name a checkpoint
+    assert resumed.resolve(str(root / "step_00000001")) == "step_00000001"
+
+    _corrupt(root / "step_00000001" / "trainer_state_rank0.pt", "missing")
+    with pytest.raises(ConfigError) as nothing:
+        resumed.resolve("auto")
+    message = str(nothing.value)
+    assert "\n" not in message and "no checkpoint" in message and "train.resume=none train.overwrite=true" in message
+    for step in (1, 2, 3, 4):
+        assert f"step_{step:08d}" in message
+
+
+# -- resume compatibility -------------------------------------------------------------------------------
+def _run_config(*overrides: str) -> dict:
+    return to_dict(load_config(RunConfig, None, ["model.name=tiny-clip", *overrides]))
+
+
+def test_plan_start_names_every_setting_a_resume_cannot_change(process_group, tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"))
+    engine = _engine(zero_stage=2)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    saved_config = _run_config("train.zero_stage=2", "data.workers=2", "train.seed=3")
+    manager.save(engine, 5, {**_state(5), "config": saved_config})
+
+    # what a resume may change: learning rate, length, logging, evaluation, checkpoint cadence
+    fine = _run_config("train.zero_stage=2", "data.workers=2", "train.seed=3", "optim.lr=1e-5",
+                       "train.steps=99", "train.log_every=7", "eval.every_steps=3", "checkpoint.every_steps=2")
+    assert CheckpointManager(cfg, tmp_path / "run", 0, 1).plan_start("auto", run_config=fine) == "step_00000005"
+
+    changed = _run_config("train.zero_stage=0", "data.workers=1", "train.seed=3", "train.global_batch_size=64")
+    with pytest.raises(ConfigError) as refused:
+        CheckpointManager(cfg, tmp_path / "run", 0, 1).plan_start("auto", run_config=changed)
+    message = str(refused.value)
+    assert "\n" not in message and "step_00000005" in message
+    assert "train.zero_stage 2 in the checkpoint, 0 now" in message
+    assert "data.workers 2 in the checkpoint, 1 now" in message
+    assert "train.global_batch_size 256 in the checkpoint, 64 now" in message
+    assert "train.seed" not in message and "world size" not in message
+
+    with pytest.raises(ConfigError, match="world size 1 in the checkpoint, 2 now.*ds_to_universal"):
+        CheckpointManager(cfg, tmp_path / "run", 0, 2)._plan_here("auto", False, saved_config)
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 0), (0, 2), (2, 3), (3, 1)])
+def test_zero_stage_change_is_named_not_a_deepspeed_crash(process_group, tmp_path, saved, resumed):
+    # a checkpoint without the run config (the check of last resort, in load): the stage DeepSpeed recorded
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"))
+    CheckpointManager(cfg, tmp_path / "run", 0, 1).save(_engine(zero_stage=saved), 1, _state(1))
+    with pytest.raises(ConfigError, match=f"written at ZeRO stage {saved}, this run uses train.zero_stage={resumed}: "
+                                          f"resume with train.zero_stage={saved}"):
+        CheckpointManager(cfg, tmp_path / "run", 0, 1).load(_engine(zero_stage=resumed), "step_00000001")
+
+
+# -- rank 0 decides, every rank follows ------------------------------------------------------------------
+def _resolve_on_ranks(rank: int, world_size: int, directory: str) -> tuple:
+    from pipeline import distributed
+
+    manager = CheckpointManager(CheckpointConfig(dir=directory), directory, rank, world_size)
+    if rank == 1:
+        # this rank's view disagrees (a stale cache, a flaky mount): the answer must be rank 0's anyway
+        manager.problem = lambda tag: "unreadable on rank 1"
+    auto = manager.resolve("auto")
+    try:
+        manager.resolve(f"{directory}/step_00000042")
+        explicit = None
+    except ConfigError as error:
+        explicit = str(error)
+    distributed.barrier()
+    return auto, explicit
+
+
+def test_ranks_resume_from_the_checkpoint_rank_0_chose(process_group, tmp_path):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"))
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    engine = _engine()
+    for step in (1, 2):
+        manager.save(engine, step, _state(step))
+    _corrupt(tmp_path / "ckpt" / "step_00000002" / "mp_rank_00_model_states.pt", "garbage")
+    results = run_ranks(_resolve_on_ranks, 2, str(tmp_path / "ckpt"), timeout=120)
+    assert results[0] == results[1]
+    assert results[0][0] == "step_00000001" and "does not exist" in results[0][1]
+
+
+# -- random state ----------------------------------------------------------------------------------------
+def _draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.randint(0, 1000, (2,)).tolist()
+
+
+def test_seed_everything_and_rng_state_restore_every_generator_exactly(tmp_path):
+    checkpoint.seed_everything(5)
+    seeded = _draws()
+    checkpoint.seed_everything(5)
+    assert _draws() == seeded
+    checkpoint.seed_everything(6)
+    assert _draws() != seeded
+
+    _draws()
+    torch.save({"rng": checkpoint.rng_state()}, tmp_path / "state.pt")  # as the trainer state carries it
+    expected = [_draws() for _ in range(3)]
+    checkpoint.seed_everything(123)
+    checkpoint.set_rng_state(torch.load(tmp_path / "state.pt", weights_only=False)["rng"])
+    assert [_draws() for _ in range(3)] == expected
+
+
+# -- nothing non-finite is saved ---------------------------------------------------------------------------
+@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_save_refuses_non_finite_weights(process_group, tmp_path, zero_stage, bad):
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"))
+    engine = _engine(zero_stage=zero_stage)
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=1)
+    assert checkpoint.all_finite(engine.module)
+    manager.save(engine, 1, _state(1))
+    parameter = dict(engine.module.named_parameters())["clip.visual.transformer.resblocks.1.mlp.c_fc.weight"]
+    with torch.no_grad():
+        getattr(parameter, "ds_tensor", parameter).view(-1)[3] = bad  # ZeRO-3: this rank's partition
+    assert not checkpoint.all_finite(engine.module)
+    with pytest.raises(FloatingPointError, match="not saving the checkpoint of step 2: .*non-finite weights"):
+        manager.save(engine, 2, _state(2))
+    assert manager.tags() == ["step_00000001"] and manager.latest_tag() == "step_00000001"
+    assert not list((tmp_path / "ckpt").glob(f"{checkpoint.TMP_PREFIX}*")), "no save was started"
+
+
+def _all_finite_on_ranks(rank: int, world_size: int) -> bool:
+    module = torch.nn.Linear(4, 4)
+    if rank == 1:
+        with torch.no_grad():
+            module.bias[0] = float("nan")
+    return checkpoint.all_finite(module)
+
+
+def test_all_finite_is_agreed_by_every_rank():
+    assert run_ranks(_all_finite_on_ranks, 2, timeout=120) == [False, False]
 
 
 # -- through train() --------------------------------------------------------------------------------
