@@ -36,8 +36,9 @@ test: install ## run the test suite (CPU only; multi-rank tests use gloo)
 test-fast: install ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" tests
 
-lint: install ## ruff
+lint: install ## ruff, and the import-linter layer contracts of pyproject.toml
 	$(VENV)/bin/ruff check pipeline tests
+	$(VENV)/bin/lint-imports
 
 shards: install ## build the embedded shapes and tones sets (train + val) into $(SHARDS_DIR)/
 	$(PY) -m pipeline shards build --source shapes --split train --output $(SHARDS_DIR)/shapes/train

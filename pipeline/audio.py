@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -132,18 +131,3 @@ def log_mel(waveform: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     mel = torch.einsum("bft,fm->bmt", power, filters)
     features = torch.log(mel.clamp_min(1e-10))
     return features.reshape(*batch_shape, cfg.n_mels, features.shape[-1])
-
-
-def audio_features(
-    data: bytes, cfg: AudioConfig, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Encoded audio bytes -> log-mel [n_mels, num_frames] of a clip of exactly cfg.clip_seconds."""
-    waveform, rate = decode_audio(data)
-    wave = resample(torch.from_numpy(waveform), rate, cfg.sample_rate)
-    wave = fit_length(wave, cfg.num_samples, generator)
-    return log_mel(wave, cfg)
-
-
-def db(value: float) -> float:
-    """Amplitude ratio -> decibels (used by the tone generator and its captions)."""
-    return 20.0 * math.log10(max(value, 1e-12))

@@ -10,7 +10,7 @@
 
 One run measures, one after the other, on the same model, batch, precision and synthetic batches:
   ours                    one DeepSpeed engine built exactly as training builds it (pipeline.distributed), stepped
-                          by training's own `pipeline.train.backward_step` (plain, or GradCache with --accum-steps);
+                          by training's own `pipeline.step.backward_step` (plain, or GradCache with --accum-steps);
                           device-resident synthetic batches (the step alone) or --data shards (the loader included);
   open_clip_train         open_clip's trainer (`open_clip_train.main --dataset-type synthetic`) as a subprocess in
                           the peer venv that `bench data` builds; its logged batch times give its samples/s;
@@ -57,7 +57,7 @@ from typing import Any
 import torch
 
 # the precision names are open_clip's (open_clip_train's --precision takes the same ones)
-from pipeline.config import PRECISIONS, ConfigError
+from pipeline.errors import ConfigError
 from pipeline.flops import (
     MATMUL_DTYPE,
     flops_per_sample,
@@ -65,6 +65,7 @@ from pipeline.flops import (
     synchronize,
     utilisation,
 )
+from pipeline.parallelize import PRECISIONS
 
 DEFAULT_JSON = "runs/bench-gpu.json"
 OPEN_CLIP_LOG_LINE = re.compile(r"Batch \(t\): (?P<batch_time>[0-9.]+), [0-9.e+]+/s, [0-9.e+]+/s/gpu")
@@ -290,11 +291,10 @@ def bench_model_config(args):
 
 def build_run(args) -> BenchRun:
     """Process group, model, optimizer and engine, the way `pipeline.train.train` builds them."""
-    from pipeline import distributed
-    from pipeline.config import OptimConfig
+    from pipeline import distributed, parallelize
     from pipeline.losses import LossConfig, build_loss
     from pipeline.models import build_model
-    from pipeline.train import build_optimizer
+    from pipeline.optim import OptimConfig, build_optimizer
 
     model_cfg = bench_model_config(args)
     dist = distributed.init_distributed()
@@ -308,15 +308,15 @@ def build_run(args) -> BenchRun:
     fused = {"auto": optim_cfg.fused, "on": True, "off": False}[args.fused_adamw]
     optimizer = build_optimizer(model, dataclasses.replace(optim_cfg, fused=fused))
     kind = "AdamW (fused)" if fused else "AdamW"
-    ds_config = distributed.deepspeed_config(
+    ds_config = parallelize.deepspeed_config(
         micro_batch_size=args.batch_size, accum_steps=args.accum_steps, world_size=dist.world_size,
         zero_stage=args.zero_stage, precision=args.precision, grad_clip=optim_cfg.grad_clip, log_every=1000,
     )
-    engine = distributed.build_engine(model, optimizer, None, ds_config)
+    engine = parallelize.build_engine(model, optimizer, None, ds_config)
     engine.train()
     loss_fn = build_loss(LossConfig(chunk_size=args.loss_chunk_size), dist.rank, dist.world_size)
     return BenchRun(engine=engine, loss_fn=loss_fn, model_cfg=model_cfg, device=dist.device,
-                    media_dtype=distributed.model_dtype(args.precision), rank=dist.rank,
+                    media_dtype=parallelize.model_dtype(args.precision), rank=dist.rank,
                     world_size=dist.world_size, optimizer_kind=kind, grad_clip=optim_cfg.grad_clip)
 
 
@@ -394,13 +394,13 @@ def train_step(run: BenchRun, micro_batches: list, engine=None, loss_fn=None,
                clock: PhaseClock | None = None) -> torch.Tensor:
     """One optimizer step through training's own code path: backward_step, gradient clipping (ours at
     ZeRO-0, DeepSpeed's inside `step` at ZeRO 1-3), engine.step. Returns the loss tensor (not synchronised)."""
-    from pipeline import distributed
-    from pipeline.train import backward_step
+    from pipeline import parallelize
+    from pipeline.step import backward_step
 
     engine = engine or run.engine
     loss, _ = backward_step(engine, loss_fn or run.loss_fn, micro_batches, run.device, run.media_dtype)
     with clock.phase("grad_clip") if clock else contextlib.nullcontext():
-        distributed.clip_gradients(run.engine, run.grad_clip)
+        parallelize.clip_gradients(run.engine, run.grad_clip)
     engine.step()
     return loss
 

@@ -33,7 +33,7 @@ into a ContrastiveModel on CPU, for evaluation and export.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import logging
 import os
@@ -49,9 +49,34 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.config import CheckpointConfig, ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Where checkpoints go: a local path or an fsspec URL (s3://bucket/run); empty = `{run_dir}/checkpoints`."""
+    every_steps: int = 0
+    """Save every this many steps (0: only at the end)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are deleted."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0: off); with SIGTERM/SIGUSR1
+    handling, a preempted job loses at most this much work."""
+    staging_dir: str = ""
+    """Local directory where remote checkpoints are written before upload; empty = `{run_dir}/checkpoint-staging`."""
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Passed to fsspec for a remote `dir`, e.g. {'client_kwargs': {'endpoint_url': 'http://127.0.0.1:9000'}}."""
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes must be >= 0, got {self.every_minutes}")
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -688,7 +713,7 @@ def _local_problem(tag_dir: Path) -> str | None:
     return None
 
 
-# -- export ---------------------------------------------------------------------------------------
+# -- consolidation ----------------------------------------------------------------------------------
 def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a (local) DeepSpeed checkpoint, from any ZeRO stage."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -703,70 +728,3 @@ def consolidated_state_dict(checkpoint_dir: str, tag: str) -> dict[str, torch.Te
             raise FileNotFoundError(f"no DeepSpeed model states in '{tag_dir}'")
         state = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
     return {name: tensor.float() for name, tensor in state.items()}
-
-
-def load_model_from_run(run_dir: str | Path, tag: str | None = None):
-    """(ContrastiveModel on CPU in eval mode, RunConfig) from a run directory's latest checkpoint, or the
-    one named by `tag`; the checkpoint may be local or remote (checkpoint.dir in the run's config.yaml)
-    and of any ZeRO stage: the weights are consolidated to fp32."""
-    import dataclasses
-
-    from pipeline.config import RunConfig, load_config
-    from pipeline.models import build_model
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory '{run_dir}' does not exist")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"'{run_dir}' is not a run directory: it has no config.yaml")
-    cfg = load_config(RunConfig, config_path)
-    manager = CheckpointManager(cfg.checkpoint, run_dir, rank=0, world_size=1)
-    tag = tag or manager.latest_tag()
-    if tag is None:
-        raise ConfigError(f"no checkpoint under '{manager.url}' (no '{LATEST}' file): train longer")
-    problem = manager.problem(tag)
-    if problem is not None:
-        others = [other for other in manager.tags() if other != tag]
-        hint = f" (other checkpoints: {', '.join(others)}; pick one with --tag)" if others else ""
-        raise ConfigError(f"checkpoint '{manager._join(tag)}' cannot be read: {problem}{hint}")
-    with tempfile.TemporaryDirectory() as scratch:
-        root = manager.url
-        if manager.remote:
-            root = manager.download(tag, scratch)
-            problem = _local_problem(Path(root) / tag)  # remote files can be opened only once downloaded
-            if problem is not None:
-                raise ConfigError(f"checkpoint '{manager._join(tag)}' cannot be read: {problem}")
-        weights = consolidated_state_dict(root, tag)
-    # the checkpoint holds every weight: no need to read model.pretrained (which may no longer exist)
-    model = build_model(dataclasses.replace(cfg.model, pretrained=""))
-    model.load_state_dict(weights)
-    model.eval()
-    return model, cfg
-
-
-def export(run_dir: str | Path, out_path: str | Path, tag: str | None = None) -> Path:
-    """Write `model.open_clip_state_dict()` of a run's latest (or given) checkpoint to `out_path`."""
-    model, _ = load_model_from_run(run_dir, tag)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.open_clip_state_dict(), out_path)
-    return out_path
-
-
-def _export_command(args: argparse.Namespace) -> int:
-    path = export(args.run_dir, args.out, tag=args.tag)
-    print(f"exported {args.run_dir} -> {path}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export", help="write a run's weights as an open_clip state dict",
-        description="Consolidate a run's latest DeepSpeed checkpoint (any ZeRO stage) into a state dict that "
-        "open_clip.create_model_and_transforms(name, pretrained=OUT) loads.",
-    )
-    parser.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints)")
-    parser.add_argument("out", help="output .pt path")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
-    parser.set_defaults(func=_export_command)

@@ -30,9 +30,9 @@ import sys
 COMMANDS = {
     "shards": "pipeline.shards",
     "train": "pipeline.train",
-    "demo": "pipeline.train",
-    "eval": "pipeline.evaluate",
-    "export": "pipeline.checkpoint",
+    "demo": "pipeline.demo",
+    "eval": "pipeline.runs",
+    "export": "pipeline.runs",
     "bench": "pipeline.bench",
 }
 
@@ -46,13 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     registered = set()
     for module_name in dict.fromkeys(COMMANDS.values()):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # command not built yet
-        module.register_cli(subparsers)
+        importlib.import_module(module_name).register_cli(subparsers)
         registered.add(module_name)
     return parser
 
@@ -81,7 +75,7 @@ def report(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
     from pipeline.preemption import Preempted
 
     parser = build_parser()

@@ -82,7 +82,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

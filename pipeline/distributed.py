@@ -7,7 +7,8 @@
     python -m pipeline train --config configs/demo-clip.yaml                      # one process
 
 With no GPU everything runs on DeepSpeed's CPU accelerator with gloo; nothing to set by hand.
-This is, with train.py and checkpoint.py, the only place that imports deepspeed.
+Process groups only; what is applied to the model (engine, precision, compile) is pipeline.parallelize.
+With parallelize.py and checkpoint.py, the only place that imports deepspeed (layer 2).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from pipeline.config import ConfigError, check_precision_name
 
 
 def _default_accelerator() -> str:
@@ -128,119 +127,6 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     )
 
 
-# Elements per ZeRO-1/2 communication bucket (DeepSpeed's default is 5e8, which for a ViT-B-32 of 151M
-# parameters is one bucket: its reduction starts only after the whole backward). 5e7 elements (200 MB in
-# fp32) cuts ViT-B-32 into about 3 buckets and ViT-L-14 into about 9, so the first buckets' reductions
-# overlap the rest of the backward (overlap_comm) while each transfer stays large enough (~1 ms over
-# NVLink) that per-bucket latency is noise. contiguous_gradients copies each gradient into one flat
-# buffer as it is produced, so a bucket is reduced from contiguous memory without a gather.
-ZERO_BUCKET_ELEMENTS = 50_000_000
-
-
-def resolve_precision(precision: str) -> str:
-    """`train.precision` -> one of PRECISIONS: 'auto' is amp_bf16 on CUDA and fp32 on CPU (bf16 autocast on a
-    CPU is slower than fp32 on most CPUs); a former or unknown name is a ConfigError naming the right one."""
-    check_precision_name(precision)
-    if precision == "auto":
-        return "amp_bf16" if not on_cpu() else "fp32"
-    return precision
-
-
-def deepspeed_config(
-    *, micro_batch_size: int, accum_steps: int, world_size: int, zero_stage: int, precision: str,
-    grad_clip: float, log_every: int,
-) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one engine, generated from our run config.
-
-    Mixed precision is torch autocast inside the engine's forward (DeepSpeed's `torch_autocast`
-    section): fp32 weights and optimizer, bf16/fp16 matmuls. DeepSpeed's `bf16` section is not used:
-    its optimizer works per parameter tensor with host-synchronising checks (~300 `.item()` calls a
-    step for ViT-B-32), 70 of 142 ms per step on an H100, whatever the batch (DESIGN.md).
-    `amp` (fp16) gets torch's GradScaler from DeepSpeed: dynamic loss scaling whose overflow check is
-    one fused kernel over all gradients and one host read per step.
-    At ZeRO-0, gradient clipping is ours (`clip_gradients`, one foreach kernel chain, no host read):
-    `gradient_clipping` is set only for ZeRO 1-3, whose optimizers hold the partitioned gradients.
-    """
-    if zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    precision = resolve_precision(precision)
-    config: dict[str, Any] = {
-        "train_batch_size": micro_batch_size * accum_steps * world_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": accum_steps,
-        "gradient_clipping": grad_clip if zero_stage > 0 else 0.0,
-        "steps_per_print": max(log_every, 1) * 1000,  # our own logger reports; keep DeepSpeed's quiet
-        "wall_clock_breakdown": False,
-        "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,  # our AdamW / LAMB are plain torch optimizers
-    }
-    if zero_stage in (1, 2):
-        config["zero_optimization"].update(
-            overlap_comm=True, contiguous_gradients=True, reduce_scatter=True,
-            reduce_bucket_size=ZERO_BUCKET_ELEMENTS, allgather_bucket_size=ZERO_BUCKET_ELEMENTS,
-        )
-    if zero_stage == 3:
-        # gather small parameters (norms, logit scale) once instead of on every use
-        config["zero_optimization"].update(
-            stage3_param_persistence_threshold=10_000, overlap_comm=True, contiguous_gradients=True,
-            reduce_bucket_size=ZERO_BUCKET_ELEMENTS,
-        )
-    if precision in ("amp_bf16", "amp"):
-        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "amp_bf16" else "float16"}
-    return config
-
-
-def check_precision(precision: str) -> None:
-    """ConfigError naming train.precision when it is unknown or this accelerator cannot train in it, before
-    any work. A mode fails instead of falling back to another: a silent switch would change the numerics
-    and memory of the run the user configured."""
-    precision = resolve_precision(precision)
-    if precision == "amp" and on_cpu():
-        probe = torch.ones(2, 2)
-        try:
-            with torch.autocast("cpu", dtype=torch.float16):
-                ok = (probe @ probe).dtype == torch.float16
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ConfigError("train.precision=amp: this CPU build of torch has no fp16 autocast; use fp32 or amp_bf16")
-
-
-def clip_gradients(engine, max_norm: float) -> torch.Tensor | None:
-    """Clip the global gradient norm at ZeRO-0 (DeepSpeed clips at ZeRO 1-3) without a host read.
-
-    Called after the last backward of a step (gradients already all-reduced) and before `engine.step()`.
-    Under `amp` the gradients are unscaled first, which GradScaler's step then knows.
-    Returns the (device) norm, or None where DeepSpeed clips or clipping is off.
-    """
-    if max_norm <= 0 or engine.zero_optimization():
-        return None
-    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-    if scaler is not None:
-        scaler.unscale_(engine.optimizer)
-    parameters = [p for p in engine.module.parameters() if p.grad is not None]
-    # foreach: a few kernels for all tensors; error_if_nonfinite would read the norm on the host
-    return torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
-
-
-def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
-    """One engine holding both towers (DESIGN.md: two engines only work at ZeRO-1)."""
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        dist_init_required=False,
-    )
-    return engine
-
-
-def model_dtype(precision: str) -> torch.dtype:
-    """The dtype of the module's weights, which its float inputs must match: fp32 in every mode (autocast
-    lowers the matmuls, not the weights)."""
-    resolve_precision(precision)
-    return torch.float32
-
-
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -252,11 +138,3 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     holder = [value]
     torch.distributed.broadcast_object_list(holder, src=src)
     return holder[0]
-
-
-def all_gather_objects(value: Any) -> list[Any]:
-    if not torch.distributed.is_initialized():
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered

@@ -29,18 +29,18 @@ Every figure comes with its chance level: `chance_R@k` = k/N, `chance_zero_shot_
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
-import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -336,98 +336,15 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines + [footer])
 
 
-# -- the `eval` command ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate on data.val_urls every this many steps (0: only at the end; no data.val_urls: never)."""
+    batch_size: int = 128
+    """Per-rank evaluation batch."""
 
-def _load_model(source: Path, config_path: str | None, overrides: list[str]):
-    """(model, RunConfig) from a run directory or an exported .pt with its config; ConfigError naming what
-    is missing or unreadable."""
-    from pipeline.config import ConfigError, RunConfig, load_config
-    from pipeline.models import build_model
-
-    if source.is_dir():
-        from pipeline.checkpoint import load_model_from_run
-
-        config_path = config_path or str(source / "config.yaml")
-        if not Path(config_path).is_file():
-            raise ConfigError(f"'{source}' is not a run directory: it has no config.yaml (or pass --config)")
-        cfg = load_config(RunConfig, config_path, overrides)
-        # the latest checkpoint, consolidated from any ZeRO stage, local or remote
-        model, _ = load_model_from_run(source)
-        return model, cfg
-    if not source.is_file():
-        raise ConfigError(f"'{source}' is neither a run directory nor a weights file")
-    # an exported .pt: the run's config.yaml beside it unless --config names one
-    config_path = config_path or (str(source.parent / "config.yaml") if (source.parent / "config.yaml").is_file()
-                                  else None)
-    if config_path is None:
-        raise ConfigError(f"weights file '{source}' needs --config (the YAML config it was trained with)")
-    try:
-        torch.load(source, map_location="cpu", weights_only=False, mmap=True)  # mapped, not read: cheap
-    except Exception as error:  # whatever torch or pickle raises, these are not weights we can load
-        raise ConfigError(f"weights file '{source}' cannot be read: {' '.join(str(error).split())[:200]}") from None
-    # model.pretrained loads the weights: an open_clip state dict (image), ours (audio)
-    cfg = load_config(RunConfig, config_path, [*overrides, f"model.pretrained={source}"])
-    return build_model(cfg.model), cfg
-
-
-def _eval_command(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from pipeline.data import build_loader
-    from pipeline.models import get_tokenizer, image_size, media_transform
-
-    # our skipped-sample and progress notes, without open_clip's model-building chatter
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    model, cfg = _load_model(Path(args.source), args.config, args.overrides)
-    data_url = args.data or cfg.data.val_urls
-    if not data_url:
-        print("error: no held-out data: pass --data URL (the run's config has no data.val_urls)", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.eval.batch_size,
-                                   workers=cfg.data.workers if args.workers is None else args.workers)
-    tokenizer = get_tokenizer(cfg.model)
-    loader = build_loader(data_cfg, data_url, rank=0, world_size=1, seed=cfg.train.seed,
-                          media_transform=media_transform(cfg.model, is_train=False), tokenizer=tokenizer,
-                          train=False, image_size=image_size(cfg.model))
-    classes = None if args.no_zero_shot else read_classes(data_url, cfg.data.storage_options)
-    metrics = evaluate(model.to(device), loader, tokenizer=tokenizer, classes_json=classes, device=device,
-                       max_batches=args.max_batches, progress=True)
-    print(f"{args.source} on {data_url}" + (f" ({len(classes['classes'])} classes)" if classes else ""))
-    print(format_table(metrics))
-    if args.json:
-        report = {"source": str(args.source), "data": data_url, "metrics": metrics}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="retrieval R@1/5/10 and zero-shot accuracy of a trained run on held-out shards",
-        description="Evaluate a run (its latest checkpoint, consolidated from any ZeRO stage) or exported weights "
-        "on held-out shards: media<->text retrieval R@1/5/10 both ways and, when the data set has a "
-        "classes.json, zero-shot top-1/top-5, each printed with its chance level.",
-        epilog="examples:\n  python -m pipeline eval runs/demo-clip --data shards/shapes/val\n"
-        "  python -m pipeline eval runs/demo-clip data.workers=0 --data s3://bucket/shapes/val --json eval.json\n"
-        "  python -m pipeline eval open_clip.pt --config configs/demo-clip.yaml --data shards/shapes/val --json e.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("source", help="run directory (with config.yaml and checkpoints) or an exported weights "
-                        ".pt (open_clip state dict for image models, ours for audio models)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides as for train, right after SOURCE (before any --option), "
-                        "e.g. data.workers=0 data.storage_options.endpoint_url=http://...")
-    parser.add_argument("--data", default=None, help="held-out shards: data set directory, shard URL pattern, "
-                        "'::'-joined sources, any fsspec protocol (default: the config's data.val_urls)")
-    parser.add_argument("--config", default=None, help="YAML config the weights were trained with (default: "
-                        "config.yaml of the run directory, or beside the .pt)")
-    parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch (default: eval.batch_size)")
-    parser.add_argument("--workers", type=int, default=None, help="data loader workers (default: data.workers)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (a quick look)")
-    parser.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot even if classes.json exists")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
-    parser.set_defaults(func=_eval_command)
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps must be >= 0, got {self.every_steps}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"eval.batch_size must be positive, got {self.batch_size}")

@@ -24,12 +24,15 @@ Plain PyTorch: nothing here imports deepspeed, the trainer or the benchmarks.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # the dtype the matmuls run in, per training precision (the names open_clip users type): the peak is
 # measured in it. amp_bf16 / amp keep fp32 master weights and autocast the matmuls.
@@ -119,3 +122,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, rep
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / inner)
     return 2 * size**3 / best
+
+
+PEAK_MATMUL_SIZE = 8192  # large enough to reach a GPU's dense peak, about a second to measure
+
+
+def model_flops_and_peak(model_cfg, device: torch.device, precision: str) -> tuple[float, float] | None:
+    """(model FLOPs per sample, measured matmul peak FLOP/s of this device in the run's matmul dtype) for the
+    trainer's logged MFU, or None where there is none: on CPU, or for towers whose FLOPs are not counted."""
+    if device.type != "cuda":
+        return None
+    try:
+        flops = flops_per_sample(model_cfg)["model"]
+    except (ConfigError, KeyError) as error:
+        log.warning("no MFU estimate: %s", error)
+        return None
+    return float(flops), measure_matmul_peak(device, MATMUL_DTYPE[precision], PEAK_MATMUL_SIZE)

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 KINDS = ("clip", "siglip", "probabilistic")
 CHUNKED_KINDS = ("clip", "siglip")

@@ -173,7 +173,8 @@ def read_metrics(path: str | os.PathLike, latest_only: bool = True) -> list[dict
 
 
 def truncate_after(path: str | os.PathLike, step: int) -> int:
-    """Drop records with step > `step` from a metrics.jsonl (atomically: temp file + rename).
+    """Drop records with step > `step` from a JSON-lines file of records with a `step` (metrics.jsonl, the
+    sample-key audit), atomically: temp file + rename.
     Returns how many records were dropped; a missing file drops nothing."""
     path = Path(path)
     if path.is_dir():
@@ -183,8 +184,8 @@ def truncate_after(path: str | os.PathLike, step: int) -> int:
     records = _read_lines(path)
     kept = [r for r in records if r["step"] <= step]
     dropped = len(records) - len(kept)
-    if dropped == 0:
-        return 0
+    if dropped == 0 and _ends_with_newline(path):
+        return 0  # (a last line cut short by a kill has no newline: rewritten without it)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".jsonl")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

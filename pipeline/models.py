@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.transforms import Normalize, ToTensor
 
 from pipeline.audio import AudioConfig, fit_length, log_mel, resample
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

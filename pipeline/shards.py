@@ -43,7 +43,7 @@ import fsspec
 from tqdm import tqdm
 
 from pipeline import synthetic
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

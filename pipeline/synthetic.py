@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 SPLITS = ("train", "val")
 # numbers mixed into every sample's seed sequence: a source or split never shares a stream with another

@@ -22,8 +22,10 @@ import pytest
 import torch
 
 from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointManager, load_model_from_run
-from pipeline.config import CheckpointConfig, ConfigError, RunConfig, dump_config, load_config, to_dict
+from pipeline.checkpoint import CheckpointConfig, CheckpointManager
+from pipeline.config import RunConfig, dump_config, load_config, to_dict
+from pipeline.errors import ConfigError
+from pipeline.runs import load_model_from_run
 from tests.distributed_helpers import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,24 +46,24 @@ def process_group():
 
 
 def _engine(zero_stage: int = 0, seed: int = 0):
-    from pipeline import distributed
+    from pipeline import parallelize
     from pipeline.models import ModelConfig, build_model
 
     torch.manual_seed(seed)
     model = build_model(ModelConfig(name="tiny-clip"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ds_config = distributed.deepspeed_config(
+    ds_config = parallelize.deepspeed_config(
         micro_batch_size=MICRO_BATCH, accum_steps=1, world_size=1, zero_stage=zero_stage, precision="fp32",
         grad_clip=1.0, log_every=1,
     )
-    return distributed.build_engine(model, optimizer, None, ds_config)
+    return parallelize.build_engine(model, optimizer, None, ds_config)
 
 
 def _train(engine, first_step: int, steps: int) -> list[float]:
     """`steps` optimizer steps; step s always sees the same batch, so runs can be compared step by step."""
     from pipeline.data import Batch
     from pipeline.losses import LossConfig, build_loss
-    from pipeline.train import backward_step
+    from pipeline.step import backward_step
 
     loss_fn = build_loss(LossConfig(), 0, 1)
     losses = []

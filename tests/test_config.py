@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, dump_config, load_config
+from pipeline.config import RunConfig, dump_config, load_config
+from pipeline.errors import ConfigError
 from pipeline.shards import BuildConfig, build_shards
 from pipeline.train import validate
 

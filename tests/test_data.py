@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.data import DataConfig, build_loader, read_shard_sizes, shuffle_order
 from tests.data_fixtures import (
     all_keys,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.losses import KINDS, LossConfig, build_loss, gather_features
 from tests.distributed_helpers import run_ranks
 

@@ -13,8 +13,9 @@ import yaml
 from PIL import Image
 
 import pipeline.models as models
+from pipeline.args import load_config, read_yaml
 from pipeline.audio import AudioConfig, decode_audio
-from pipeline.config import ConfigError, load_config, read_yaml
+from pipeline.errors import ConfigError
 from pipeline.losses import LossConfig, build_loss
 from pipeline.models import (
     ModelConfig,

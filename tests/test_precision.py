@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.metrics import read_metrics
 from pipeline.shards import BuildConfig, build_shards
 from tests.distributed_helpers import run_ranks
@@ -46,22 +47,21 @@ def _register_tiny_clip(layers: int) -> str:
 
 def _engine(rank, world_size, *, layers=2, zero_stage=0, precision="fp32", accum_steps=1, micro=4,
             grad_checkpointing=False, compile_blocks=False):
-    from pipeline import distributed
-    from pipeline.config import OptimConfig
+    from pipeline import parallelize
     from pipeline.losses import LossConfig, build_loss
     from pipeline.models import ModelConfig, build_model
+    from pipeline.optim import OptimConfig, build_optimizer
     from pipeline.parallelize import compile_blocks as compile_model
-    from pipeline.train import build_optimizer
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=_register_tiny_clip(layers), grad_checkpointing=grad_checkpointing))
     if compile_blocks:
         assert compile_model(model) == 2 * layers
-    ds_config = distributed.deepspeed_config(
+    ds_config = parallelize.deepspeed_config(
         micro_batch_size=micro, accum_steps=accum_steps, world_size=world_size, zero_stage=zero_stage,
         precision=precision, grad_clip=1.0, log_every=1,
     )
-    engine = distributed.build_engine(model, build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0)), None,
+    engine = parallelize.build_engine(model, build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0)), None,
                                       ds_config)
     return engine, build_loss(LossConfig(), rank, world_size)
 
@@ -80,7 +80,7 @@ def _micro_batches(rank: int, step: int, accum_steps: int, micro: int) -> list:
 
 
 def _step(engine, loss_fn, batches):
-    from pipeline.train import train_step
+    from pipeline.step import train_step
 
     return train_step(engine, loss_fn, batches, torch.device("cpu"), torch.float32, grad_clip=1.0)
 
@@ -190,12 +190,12 @@ def test_former_precision_names_are_refused_with_the_new_one():
 
 # -- exact resume in amp_bf16 ---------------------------------------------------------------------
 def _train(rank, world_size, overrides):
-    from pipeline.train import load_run_config, train
-
     import hashlib
     import random
 
     import numpy as np
+
+    from pipeline.train import load_run_config, train
 
     cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"), overrides)
     train(cfg)

@@ -10,7 +10,7 @@ import soundfile
 from PIL import Image
 
 from pipeline import synthetic
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def _digest(sample) -> str:

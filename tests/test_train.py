@@ -183,9 +183,10 @@ def test_zero3_evaluates_on_held_out_shards(runs):
 def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     import open_clip
 
-    from pipeline.checkpoint import consolidated_state_dict, export
+    from pipeline.checkpoint import consolidated_state_dict
     from pipeline.config import RunConfig, load_config
     from pipeline.models import build_model, register_open_clip_configs
+    from pipeline.runs import export
 
     run_dir = runs(stage)
     out = export(run_dir, tmp_path / "open_clip.pt")
@@ -200,7 +201,7 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     # the trainer's path: uint8 pixels from the loader, through _to_device, normalised by our model;
     # open_clip's path: its own preprocessing's float normalisation of the same pixels
     from pipeline.data import Batch
-    from pipeline.train import _to_device
+    from pipeline.step import _to_device
 
     pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     tokens = open_clip.get_tokenizer("tiny-clip")(["a red circle", "a shape", "two blue squares", "x"])
@@ -224,22 +225,22 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
 def _gradcache_gradients(rank: int, world_size: int, accum_steps: int, zero_stage: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
-    from pipeline import distributed
+    from pipeline import distributed, parallelize
     from pipeline.data import Batch
     from pipeline.losses import LossConfig, build_loss
     from pipeline.models import ModelConfig, build_model
-    from pipeline.train import backward_step
+    from pipeline.step import backward_step
 
     distributed.init_distributed(120)
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="tiny-clip"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     local_batch = 8
-    ds_config = distributed.deepspeed_config(
+    ds_config = parallelize.deepspeed_config(
         micro_batch_size=local_batch // accum_steps, accum_steps=accum_steps, world_size=world_size,
         zero_stage=zero_stage, precision="fp32", grad_clip=0.0, log_every=1,
     )
-    engine = distributed.build_engine(model, optimizer, None, ds_config)
+    engine = parallelize.build_engine(model, optimizer, None, ds_config)
     generator = torch.Generator().manual_seed(100 + rank)
     media = torch.randn(local_batch, 3, 64, 64, generator=generator)
     tokens = torch.randint(1, 49000, (local_batch, 32), generator=generator)
@@ -283,7 +284,7 @@ def test_mixed_precision_losses_are_finite(shards, tmp_path, precision):
 
 
 def test_former_precision_name_fails_before_any_work(shards, tmp_path):
-    from pipeline.config import ConfigError
+    from pipeline.errors import ConfigError
     from pipeline.train import load_run_config
 
     with pytest.raises(ConfigError, match="did you mean train.precision=amp"):
@@ -292,9 +293,8 @@ def test_former_precision_name_fails_before_any_work(shards, tmp_path):
 
 
 def test_build_optimizer_fuses_adamw_and_exempts_norms_from_decay():
-    from pipeline.config import OptimConfig
     from pipeline.models import ModelConfig, build_model
-    from pipeline.train import build_optimizer
+    from pipeline.optim import OptimConfig, build_optimizer
 
     model = build_model(ModelConfig(name="tiny-clip"))
     assert build_optimizer(model, OptimConfig()).defaults["fused"] is True

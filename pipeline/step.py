@@ -1,0 +1,159 @@
+"""One training step on a DeepSpeed engine: the contrastive loss over the global batch (GradCache when
+a step has several micro-batches), clipping, the update; and the window of steps between log lines.
+
+    loss, metrics = train_step(engine, loss_fn, micro_batches, device, torch.float32, grad_clip=1.0)
+    window.add(step, loss, metrics, samples)            # device tensors, no host read
+    loss, metrics, samples_per_s = window.settle()      # every log_every steps: one host read
+
+Layer 2 (distributed): the model, loss and data below know nothing of engines; the train loop above
+calls these once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import rng_state, set_rng_state
+from pipeline.models import media_to_device
+from pipeline.parallelize import clip_gradients
+
+# outputs of the model that are one value for the whole batch rather than one row per sample
+SHARED_OUTPUTS = ("logit_scale", "logit_bias")
+def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # uint8 images stay uint8 (the model normalises them on the device); log-mel takes the model dtype
+    return media_to_device(batch.media, device, media_dtype), batch.tokens.to(device, non_blocking=True)
+
+
+def _with_valid(outputs: dict[str, Any], micro_batches: list, device: torch.device) -> dict[str, Any]:
+    """The model outputs plus `valid` (bool, one entry per row of the micro-batches, in order): slots the
+    loader filled without a real sample take no part in the loss. Always passed when the loader marks
+    slots, even when all are real: the loss gathers the mask, a collective every rank must join."""
+    if any(batch.valid is None for batch in micro_batches):
+        return outputs
+    # each part from the loader's pinned memory, then joined on the device: no pageable copy that blocks the host
+    valid = torch.cat([batch.valid.to(device, non_blocking=True) for batch in micro_batches])
+    return {**outputs, "valid": valid}
+
+
+def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype):
+    """Gradients of the contrastive loss over all `micro_batches` of every rank, left in the engine
+    (reduced across ranks: the last backward is DeepSpeed's accumulation boundary). The caller then
+    calls `engine.step()` once more to apply them. Returns (loss tensor, loss metrics).
+
+    One micro-batch: a plain forward/backward. Several (GradCache): forward each without grad and
+    keep only its outputs, compute the loss over all of them, take its gradient with respect to those
+    outputs, then forward each micro-batch again with grad (same dropout: the RNG is replayed) and
+    back-propagate the cached output gradients through it. The gradient is exactly that of one
+    batch `len(micro_batches)` times larger, and so is the contrastive batch.
+    """
+    if len(micro_batches) == 1:
+        outputs = engine(*_to_device(micro_batches[0], device, media_dtype))
+        loss, metrics = loss_fn(_with_valid(outputs, micro_batches, device))
+        engine.backward(loss)
+        return loss.detach(), metrics
+
+    # 1. outputs of every micro-batch, without activations
+    cached, rng_before = [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            rng_before.append(rng_state())
+            outputs = engine(*_to_device(batch, device, media_dtype))
+            # fp32 leaves: the loss is computed in fp32, and fp16 output gradients could underflow
+            cached.append({k: v.detach().float().requires_grad_() for k, v in outputs.items()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point()})
+    rng_after = rng_state()
+
+    # 2. the loss over the whole accumulated batch, and its gradient w.r.t. the cached outputs
+    combined = {
+        key: cached[0][key] if key in SHARED_OUTPUTS else torch.cat([part[key] for part in cached])
+        for key in cached[0]
+    }
+    loss, metrics = loss_fn(_with_valid(combined, micro_batches, device))
+    loss.backward()
+    output_grads = [{k: v.grad for k, v in part.items() if v.grad is not None} for part in cached]
+
+    # 3. replay each micro-batch with grad and push the output gradients through it
+    for index, batch in enumerate(micro_batches):
+        set_rng_state(rng_before[index])
+        outputs = engine(*_to_device(batch, device, media_dtype))
+        surrogate = sum((outputs[key].float() * grad).sum() for key, grad in output_grads[index].items())
+        # the cached gradient already is the gradient of the whole batch's loss: no 1/accum scaling
+        engine.backward(surrogate, scale_wrt_gas=False)
+        if index < len(micro_batches) - 1:
+            engine.step()  # advances DeepSpeed's micro-step; no optimizer step before the boundary
+    set_rng_state(rng_after)
+    return loss.detach(), metrics
+
+
+def train_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype,
+               grad_clip: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimizer step: gradients of the loss over `micro_batches` (GradCache when several), clipping,
+    the update. Returns the loss and the loss metrics as device tensors: nothing here reads a value back
+    to the host, so the host can run ahead of the GPU; the trainer reads them every `log_every` steps.
+    (DeepSpeed's ZeRO 1-3 optimizers read 1-3 scalars a step for their own checks, whatever the model size.)"""
+    loss, metrics = backward_step(engine, loss_fn, micro_batches, device, media_dtype)
+    clip_gradients(engine, grad_clip)
+    engine.step()
+    return loss, metrics
+
+
+class LogWindow:
+    """The steps since the last log line, kept on the device: each step appends its loss and metrics as
+    tensors (no host read); `settle()` reduces them over ranks and reads them back in one transfer.
+
+    A non-finite loss stops the run with FloatingPointError naming the step. Under `amp` the loss
+    scaler gets its chance first: a non-finite loss makes it skip the step and lower the scale, so the
+    run stops only after AMP_NONFINITE_PATIENCE non-finite steps in a row."""
+
+    AMP_NONFINITE_PATIENCE = 8
+
+    def __init__(self, world_size: int, precision: str):
+        self.world_size, self.precision = world_size, precision
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+        self.metric_names: list[str] = []
+        self.samples, self.started, self.timed = 0, time.perf_counter(), True
+        self.nonfinite_run = 0  # consecutive non-finite losses, carried across windows
+
+    def add(self, step: int, loss: torch.Tensor, metrics: dict[str, Any], samples: int) -> None:
+        scalars = {k: v for k, v in (metrics or {}).items()
+                   if isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point()}
+        self.metric_names = sorted(scalars)
+        row = [loss.detach().float().reshape(1)] + [scalars[k].detach().float().reshape(1) for k in self.metric_names]
+        self.steps.append(step)
+        self.values.append(torch.cat(row))
+        self.samples += samples
+
+    def exclude_throughput(self) -> None:
+        """The current window's wall time is not throughput (it compiled): settle() reports None for it."""
+        self.timed = False
+
+    def settle(self) -> tuple[float, dict[str, float], float | None]:
+        """(global loss of the last step, its metrics averaged over ranks, samples/s over the window or None);
+        restarts the window. The only host read of the training loop."""
+        if not self.steps:
+            return float("nan"), {}, None
+        table = torch.stack(self.values)
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            # the mean over ranks of each rank's local rows is the loss of the global batch
+            torch.distributed.all_reduce(table)
+            table = table / self.world_size
+        rows = table.tolist()
+        elapsed = time.perf_counter() - self.started
+        samples_per_s = self.samples / max(elapsed, 1e-9) if self.timed else None
+        steps = self.steps
+        self.steps, self.values, self.samples, self.started, self.timed = [], [], 0, time.perf_counter(), True
+        for step, row in zip(steps, rows):
+            if math.isfinite(row[0]):
+                self.nonfinite_run = 0
+                continue
+            self.nonfinite_run += 1
+            if self.precision != "amp" or self.nonfinite_run >= self.AMP_NONFINITE_PATIENCE:
+                after = f" ({self.nonfinite_run} non-finite steps in a row: the loss scaler could not recover)" \
+                    if self.precision == "amp" else ""
+                raise FloatingPointError(f"loss is {row[0]} at step {step}{after}: lower optim.lr or check the data")
+        return rows[-1][0], dict(zip(self.metric_names, rows[-1][1:])), samples_per_s

@@ -1,0 +1,46 @@
+"""TrainState: everything a checkpoint holds besides DeepSpeed's engine (weights, optimizer, LR schedule).
+
+    state = TrainState(loader, world_size, run_config=to_dict(cfg))
+    checkpoints.save(engine, state.step, state.state_dict())        # every rank its own
+    state.load_state_dict(checkpoints.load(engine, source))         # on resume, before the first batch
+
+The step and samples seen, the data position (the loader's epoch and batches consumed: the epoch plan
+re-derives the rest), every RNG the run draws from (python, numpy, torch, CUDA), and what wrote the
+checkpoint (world size, the resolved config), which a resume is checked against before anything is
+written (pipeline.checkpoint.check_resume_compatible). Layer 2, beside the checkpoint it fills.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.checkpoint import rng_state, set_rng_state
+
+
+class TrainState:
+    """The trainer's own state, with state_dict() / load_state_dict() like every other stateful part."""
+
+    def __init__(self, loader, world_size: int, run_config: dict[str, Any]):
+        self.loader, self.world_size, self.run_config = loader, world_size, run_config
+        self.step, self.samples_seen = 0, 0
+
+    def advance(self, samples: int) -> None:
+        """One optimizer step over `samples` samples (the global batch) is done."""
+        self.step += 1
+        self.samples_seen += samples
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done, fractional: the loader's epoch plus the share of its batches consumed."""
+        return self.loader.epoch + self.loader.batches_consumed / max(len(self.loader), 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "samples_seen": self.samples_seen, "loader": self.loader.state_dict(),
+            "rng": rng_state(), "world_size": self.world_size, "config": self.run_config,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
