@@ -29,6 +29,10 @@ difference, all before config.yaml is written or an engine is built.
 
 `load_model_from_run(run_dir)` turns a run's latest checkpoint (any ZeRO stage, local or remote)
 into a ContrastiveModel on CPU, for evaluation and export.
+
+Size: ~730 lines, one module for everything that reads or writes a checkpoint directory (save, prune,
+load, the start plan, the resume and readability checks, consolidation): the atomicity and "never
+delete what this run did not write" rules span all of them and are easiest to audit in one place.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Shared fixtures: `s3_server` is a real moto S3 server on loopback (see tests/s3_server.py)."""
+"""Shared fixtures: `s3_server` is a real moto S3 server on loopback (see tests/s3_server.py); `shards` is a
+tiny shapes training set (64 samples in 2 shards) built once per test module (a module may define its own)."""
+
+from pathlib import Path
 
 import pytest
 
@@ -10,3 +13,13 @@ def s3_server():
     server = start_s3_server()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from pipeline.shards import BuildConfig, build_shards
+
+    root = tmp_path_factory.mktemp("shapes") / "train"
+    build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),
+                 progress=False)
+    return root

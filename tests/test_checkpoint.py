@@ -509,16 +509,6 @@ def test_all_finite_is_agreed_by_every_rank():
 
 
 # -- through train() --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipeline.shards import BuildConfig, build_shards
-
-    root = tmp_path_factory.mktemp("shapes") / "train"
-    build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),
-                 progress=False)
-    return root
-
-
 def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
     return [
         "model.name=tiny-clip", f"data.train_urls={shards}", "data.val_urls=", "data.workers=0", "data.shuffle_buffer=16",

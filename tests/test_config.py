@@ -92,3 +92,8 @@ def test_unreachable_checkpoint_dir_is_named(shapes, tmp_path):
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(RunConfig, None, [override])
+
+
+def test_a_renamed_key_is_refused_with_its_new_name():
+    with pytest.raises(ConfigError, match="'train.grad_checkpointing' was renamed: did you mean 'model.grad_checkpointing'"):
+        load_config(RunConfig, None, ["train.grad_checkpointing=true"])

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import ConfigError
 from pipeline.data import DataConfig, build_loader, read_shard_sizes, shuffle_order
+from pipeline.errors import ConfigError
 from tests.data_fixtures import (
     all_keys,
     write_dataset,

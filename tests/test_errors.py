@@ -110,16 +110,6 @@ def test_only_rank_0_prints_every_rank_exits_2(tmp_path):
 
 
 # -- through the trainer ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipeline.shards import BuildConfig, build_shards
-
-    root = tmp_path_factory.mktemp("shapes") / "train"
-    build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),
-                 progress=False)
-    return root
-
-
 def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return [
         "train", "--config", "configs/demo-clip.yaml", "model.name=tiny-clip", f"data.train_urls={shards}",

@@ -112,16 +112,6 @@ def test_slurm_script_asks_for_the_signal_forwards_it_and_requeues():
 
 
 # -- through the trainer (needs train.py to poll StopSignals and raise Preempted) -------------------------
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from pipeline.shards import BuildConfig, build_shards
-
-    root = tmp_path_factory.mktemp("shapes") / "train"
-    build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),
-                 progress=False)
-    return root
-
-
 def _train_command(shards: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "pipeline", "train", "--config", str(REPO / "configs/demo-clip.yaml"),
