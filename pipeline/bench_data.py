@@ -24,11 +24,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.shardformat import TarSampleWriter, iter_samples, sizes_json
 
 SHARD_SAMPLES = 500
 OPEN_CLIP_VENV_PACKAGES = ["webdataset==0.2.86", "pandas"]
@@ -75,18 +76,14 @@ def build_shards(directory: Path, samples: int, size: int) -> list[str]:
     for shard, start in enumerate(range(0, samples, SHARD_SAMPLES)):
         path = directory / f"bench-{shard:06d}.tar"
         count = min(SHARD_SAMPLES, samples - start)
-        with tarfile.open(path, "w") as archive:
+        with TarSampleWriter(str(path)) as writer:
             for index in range(start, start + count):
-                key = f"{index:08d}"
-                for extension, data in (("jpg", _jpeg(rng, size)), ("txt", f"a picture number {index}".encode())):
-                    info = tarfile.TarInfo(f"{key}.{extension}")
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
+                writer.write(f"{index:08d}", {"jpg": _jpeg(rng, size), "txt": f"a picture number {index}".encode()})
                 progress.update(1)
         listed[path.name] = count
         paths.append(str(path))
     progress.close()
-    sizes_path.write_text(json.dumps(listed))  # written last: marks the set complete
+    sizes_path.write_text(sizes_json(listed))  # written last: marks the set complete
     return paths
 
 
@@ -218,10 +215,10 @@ def run_ceiling(paths: list[str], args, limit: int = 1000) -> dict:
     torch.set_num_threads(1)
     jpegs = []
     for path in paths:
-        with tarfile.open(path) as archive:
-            for member in archive:
-                if member.name.endswith(".jpg"):
-                    jpegs.append(archive.extractfile(member).read())
+        with open(path, "rb") as stream:
+            for sample in iter_samples(stream):
+                if "jpg" in sample.files:
+                    jpegs.append(sample.files["jpg"])
                 if len(jpegs) >= limit:
                     break
         if len(jpegs) >= limit:

@@ -54,6 +54,8 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import ConfigError
+from pipeline.storage import is_remote
+from pipeline.storage import url_to_fs as _fs
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +108,6 @@ def tag_for_step(step: int) -> str:
 def _trainer_state_name(rank: int) -> str:
     return f"trainer_state_rank{rank}.pt"
 
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def _fs(url: str, storage_options: dict[str, Any] | None = None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:

@@ -34,8 +34,8 @@ RNG seeded by (seed, epoch, stream); each stream takes `epoch_samples / S` sampl
 the drawn shards and the rest works as above: resume regenerates the draws without reading.
 
 Bad data. A sample is skipped, counted by reason in `loader.stats` (skipped_<reason>) and logged with
-shard and key when its media is corrupt or absent, its caption is empty or not UTF-8, or it is lost
-with its shard: a truncated tar, a tar holding fewer samples than listed (one warning per shard names
+shard and key when its media is corrupt or absent, its caption is empty or not UTF-8, a member name
+repeats in it (where webdataset raises), or it is lost with its shard: a truncated tar, a tar holding fewer samples than listed (one warning per shard names
 both counts), a shard that is not there (not retried: one line names the URL), or one that still fails
 after its retries (exponential backoff capped at 30 s, bounded by `retries` and `retry_max_s`; a read
 that delivers nothing for `read_timeout_s` fails naming the shard). At start, shards listed in
@@ -47,6 +47,11 @@ of the same stream that has one, else the nearest later one, else of another str
 yields exactly `len(loader)` full batches of fixed shapes; such slots are counted as `samples_filled`,
 and they are the same after a resume. `sum_stats_across_ranks` adds up every counter over the ranks.
 
+Samples are what webdataset makes of a tar (keys, fields, skipped names: pipeline.shardformat); every
+file access (fsspec, the cache of remote shards, the read timeout, retry backoff) is pipeline.storage.
+This module stays one file of ~950 lines because the epoch plan, the stream reader and the loader share
+one contract (the position (epoch, batches consumed) and the fill of bad slots) that reads best in one place.
+
 Eval loaders (`train=False`) read every sample exactly once, in shard order, without shuffling or
 dropping: the sequence is cut into S nearly equal ranges and every stream yields the same number of
 full batches, the slots past the end of its range (and those of bad samples) being padding, marked as
@@ -55,39 +60,30 @@ above (valid False, key "", label -1). Evaluation must ignore those rows.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
 import math
-import os
 import posixpath
-import queue
 import random
-import signal
-import subprocess
 import tarfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import braceexpand
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import shardformat, storage
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-AUDIO_EXTENSIONS = ("flac", "wav", "ogg", "mp3")
 
 
 @dataclass
@@ -192,11 +188,10 @@ def expand_source(source: str, storage_options: dict | None = None) -> list[str]
     """One source -> its shard URLs: brace expansion, or the sorted *.tar of a directory/prefix."""
     if source.startswith("pipe:") or source.endswith(".tar") or "{" in source:
         return list(braceexpand.braceexpand(source))
-    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    paths = sorted(fs.glob(path.rstrip("/") + "/*.tar"))
+    paths = storage.list_tars(source, storage_options)
     if not paths:
         raise FileNotFoundError(f"no .tar shards found at '{source}'")
-    return [path if _is_local(source) else fs.unstrip_protocol(path) for path in paths]
+    return paths
 
 
 def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> list[list[str]]:
@@ -207,30 +202,19 @@ def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> l
     return sources
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _shard_name(url: str) -> str:
-    return posixpath.basename(url.rstrip("/"))
-
-
 # ----------------------------------------------------------------------------------- shard sizes
 
-
-def _read_json(url: str, storage_options: dict) -> Any | None:
-    try:
-        with fsspec.open(url, "rb", **storage_options) as handle:
-            return json.loads(handle.read())
-    except FileNotFoundError:
-        return None
+# samples counted in tars without a listed size, by (URL, signature of the file): the trainer's checks
+# and the loader's plan both ask for the sizes, and a tar is read once for them, not once per asking
+_counted: dict[tuple[str, tuple], int] = {}
 
 
 def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None) -> dict[str, int]:
     """Sample count of every shard: from the directory's sizes.json (open_clip's form), else the shard's
     img2dataset-style *_stats.json ('successes'), else by counting the samples in the tar (which reads
-    it once; a 'pipe:' URL runs its command for that). A counted tar that is damaged counts the samples
-    before the damage, and one that is not there counts 0, each with a warning naming it."""
+    it once per process: the count is kept while the file is unchanged; a 'pipe:' URL runs its command
+    for that, every time). A counted tar that is damaged counts the samples before the damage, and one
+    that is not there counts 0, each with a warning naming it."""
     storage_options = storage_options or {}
     shard_urls = [url for source in expand_urls(urls, storage_options) for url in source]
     sizes: dict[str, int] = {}
@@ -242,13 +226,13 @@ def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None)
             continue
         directory = posixpath.dirname(url)
         if directory not in sizes_files:
-            sizes_files[directory] = _read_json(posixpath.join(directory, "sizes.json"), storage_options)
+            sizes_files[directory] = shardformat.read_sizes(directory, storage_options)
         listed = sizes_files[directory] or {}
-        if _shard_name(url) in listed:
-            sizes[url] = int(listed[_shard_name(url)])
+        if storage.base_name(url) in listed:
+            sizes[url] = int(listed[storage.base_name(url)])
             continue
-        stats = _read_json(url[: -len(".tar")] + "_stats.json", storage_options) if url.endswith(".tar") else None
-        if stats and "successes" in stats:
+        stats = shardformat.read_stats(url, storage_options)
+        if stats is not None:
             sizes[url] = int(stats["successes"])
         else:
             uncounted.append(url)
@@ -258,7 +242,13 @@ def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None)
         cfg = DataConfig(allow_pipe=True, storage_options=storage_options)
         not_found = []
         for url in tqdm(uncounted, desc="counting samples in shards without sizes.json", unit="shard"):
+            signature = storage.signature(url, storage_options)
+            if signature is not None and (url, signature) in _counted:
+                sizes[url] = _counted[(url, signature)]
+                continue
             sizes[url] = _count_samples(url, cfg, not_found)
+            if signature is not None and url not in not_found:
+                _counted[(url, signature)] = sizes[url]
         if len(not_found) == len(shard_urls):
             raise FileNotFoundError(f"none of the {len(shard_urls)} shards of '{urls}' exists (first: {not_found[0]})")
     return {url: sizes[url] for url in shard_urls}
@@ -270,13 +260,13 @@ def _count_samples(url: str, cfg: DataConfig, not_found: list[str]) -> int:
     try:
         with open_shard(url, cfg) as stream:
             # every member read (not skipped): tarfile notices a member cut short only when reading it
-            for _ in _iter_tar_samples(stream, lambda index: True):
+            for _ in shardformat.iter_samples(stream):
                 count += 1
     except (tarfile.TarError, EOFError) as error:
         log.warning("shard %s is damaged after %d complete samples (%s): counted as %d samples", url, count,
                     error, count)
     except FileNotFoundError as error:
-        if not _is_not_found(error):
+        if not storage.is_not_found(error):
             raise
         not_found.append(url)
         log.warning("shard %s not found (%s): left out", url, error)
@@ -299,7 +289,7 @@ def missing_listed_shards(urls: str | list[str], storage_options: dict | None = 
 
     def names_in(directory: str) -> set[str] | None:
         if directory not in listings:
-            listings[directory] = _list_names(directory, storage_options)
+            listings[directory] = storage.list_names(directory, storage_options)
         return listings[directory]
 
     for source in _source_list(urls):
@@ -308,31 +298,16 @@ def missing_listed_shards(urls: str | list[str], storage_options: dict | None = 
         if source.endswith(".tar") or "{" in source:  # a URL list: check those the listing lacks
             for url in braceexpand.braceexpand(source):
                 present = names_in(posixpath.dirname(url))
-                if present is not None and _shard_name(url) not in present:
+                if present is not None and storage.base_name(url) not in present:
                     absent.append((url, (sizes or {}).get(url, 0)))
             continue
-        listed = _read_json(posixpath.join(source.rstrip("/"), "sizes.json"), storage_options) or {}
+        listed = shardformat.read_sizes(source, storage_options) or {}
         present = names_in(source.rstrip("/"))
         if present is None:
             continue
         left_out += [(posixpath.join(source.rstrip("/"), name), int(size)) for name, size in sorted(listed.items())
                      if name not in present]
     return left_out, absent
-
-
-def _list_names(directory: str, storage_options: dict) -> set[str] | None:
-    """Base names of the files in a directory or under a prefix; None where listing is not cheap or fails."""
-    if directory.startswith(("http://", "https://")):
-        return None
-    try:
-        if _is_local(directory):
-            return set(os.listdir(directory.removeprefix("file://") or "."))
-        fs, path = fsspec.core.url_to_fs(directory, **storage_options)
-        fs.invalidate_cache(path)  # a listing cached earlier in this process may predate a deletion
-        return {posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False)}
-    except Exception as error:  # no permission to list, a store without listing: nothing to compare
-        log.debug("cannot list %s (%s): shards listed in sizes.json are not checked there", directory, error)
-        return None
 
 
 def _warn_missing(left_out: list[tuple[str, int]], absent: list[tuple[str, int]]) -> None:
@@ -346,215 +321,11 @@ def _warn_missing(left_out: list[tuple[str, int]], absent: list[tuple[str, int]]
 
 # --------------------------------------------------------------------------------- shard reading
 
-READ_CHUNK = 1 << 20  # bytes per read of a shard stream (the reader thread stays at most 4 ahead)
-RETRY_BACKOFF_CAP = 30.0  # seconds between two tries of a failing shard, at most
 
-
-class ShardReadTimeout(TimeoutError):
-    """A shard's stream delivered no byte for data.read_timeout_s (a stalled store or connection)."""
-
-    def __init__(self, url: str, timeout: float):
-        super().__init__(f"shard {url} delivered no data for {timeout:g} s (data.read_timeout_s)")
-        self.timeout = timeout
-
-
-class _TimedStream:
-    """Reads a shard's chunks on a helper thread and hands them to `read()`, which fails with
-    ShardReadTimeout naming the shard when nothing arrives for `timeout` seconds: a stalled read
-    cannot block a worker until the DataLoader's own timeout, which names nothing. The thread also
-    reads ahead while the caller decodes. `chunks()` yields bytes, or None to say it is still busy
-    (downloading to the cache); its exceptions reach the caller unchanged."""
-
-    _END = object()
-
-    def __init__(self, url: str, chunks: Callable[[], Iterator[bytes | None]], timeout: float):
-        self.url, self.timeout = url, timeout
-        self.queue: queue.Queue = queue.Queue(maxsize=4)
-        self.stopped = threading.Event()
-        self.buffer, self.offset, self.ended = b"", 0, False
-        self.thread = threading.Thread(target=self._pump, args=(chunks,), daemon=True, name=f"read {url}")
-        self.thread.start()
-
-    def _pump(self, chunks) -> None:
-        source = chunks()
-        try:
-            for chunk in source:
-                if not self._put(chunk):
-                    return
-            self._put(self._END)
-        except BaseException as error:  # handed to the reader, which raises it
-            self._put(error)
-        finally:
-            with contextlib.suppress(Exception):  # closing after a failure may fail too: nobody to tell
-                source.close()
-
-    def _put(self, item) -> bool:
-        while not self.stopped.is_set():
-            try:
-                self.queue.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _next_chunk(self) -> bytes | None:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                item = self.queue.get(timeout=max(deadline - time.monotonic(), 0.0))
-            except queue.Empty:
-                self.ended = True
-                raise ShardReadTimeout(self.url, self.timeout) from None
-            if item is None:  # still busy, not stalled
-                deadline = time.monotonic() + self.timeout
-                continue
-            if item is self._END:
-                self.ended = True
-                return None
-            if isinstance(item, BaseException):
-                self.ended = True
-                raise item
-            return item
-
-    def read(self, size: int = -1) -> bytes:
-        parts, wanted = [], size
-        while size < 0 or wanted > 0:
-            if self.offset >= len(self.buffer):
-                chunk = None if self.ended else self._next_chunk()
-                if chunk is None:
-                    break
-                self.buffer, self.offset = chunk, 0
-            stop = len(self.buffer) if size < 0 else min(len(self.buffer), self.offset + wanted)
-            parts.append(self.buffer[self.offset : stop])
-            wanted -= stop - self.offset
-            self.offset = stop
-        return b"".join(parts)
-
-    def close(self) -> None:
-        """Stop the thread and wait for it (so that no reader thread outlives its shard, e.g. into a fork),
-        unless it is blocked in a stalled read: that one is left to end when the read fails."""
-        self.stopped.set()
-        with contextlib.suppress(queue.Empty):
-            while True:  # a thread waiting to hand over a chunk sees the stop at once
-                self.queue.get_nowait()
-        self.thread.join(timeout=1.0)
-
-
-@contextlib.contextmanager
 def open_shard(url: str, cfg: DataConfig):
-    """Binary stream of a shard on any fsspec protocol, a 'pipe:' command (when allowed), or the
-    local cache copy of a remote shard; with data.read_timeout_s > 0 a read that stalls that long
-    raises ShardReadTimeout naming the shard."""
-    timeout = cfg.read_timeout_s
-    if url.startswith("pipe:"):
-        if not cfg.allow_pipe:
-            raise ConfigError(f"shard URL '{url}' runs a shell command; set data.allow_pipe=true to allow it")
-        # its own process group: stopping early kills the shell's children too, which hold the pipe open
-        process = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, start_new_session=True)
-        stream = _TimedStream(url, lambda: _pipe_chunks(process.stdout), timeout) if timeout else process.stdout
-        try:
-            yield stream
-        finally:
-            if process.poll() is None:  # we stopped reading early (or it stalled): the command has no more use
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-            if timeout:
-                stream.close()  # its thread reads to the end of the pipe, now closed, and closes it
-            else:
-                process.stdout.close()
-            code = process.wait(timeout=60)
-            if code not in (0, -signal.SIGKILL, -signal.SIGPIPE):
-                raise OSError(f"'{url}' exited with status {code}")
-        return
-    if not timeout:
-        if cfg.cache_dir and not _is_local(url):
-            url = _drain(_cached_copy(url, cfg))
-        with fsspec.open(url, "rb", **({} if _is_local(url) else cfg.storage_options)) as handle:
-            yield handle
-        return
-    stream = _TimedStream(url, lambda: _file_chunks(url, cfg), timeout)
-    try:
-        yield stream
-    finally:
-        stream.close()
-
-
-def _pipe_chunks(stdout) -> Iterator[bytes]:
-    try:
-        while chunk := stdout.read1(READ_CHUNK):
-            yield chunk
-    finally:
-        stdout.close()
-
-
-def _file_chunks(url: str, cfg: DataConfig) -> Iterator[bytes | None]:
-    if cfg.cache_dir and not _is_local(url):
-        url = yield from _cached_copy(url, cfg)
-    with fsspec.open(url, "rb", **({} if _is_local(url) else cfg.storage_options)) as handle:
-        while chunk := handle.read(READ_CHUNK):
-            yield chunk
-
-
-def _drain(steps: Iterator[None]):
-    """Run a generator to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
-def _cached_copy(url: str, cfg: DataConfig) -> Iterator[None]:
-    """Generator: downloads a remote shard into cfg.cache_dir (unless there already), yielding None per
-    chunk as a sign of progress; returns the local path."""
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    digest = hashlib.sha1(url.encode()).hexdigest()[:12]
-    local = os.path.join(cfg.cache_dir, f"{digest}-{_shard_name(url)}")
-    if not os.path.exists(local):
-        partial = f"{local}.{os.getpid()}.{threading.get_ident()}.partial"
-        try:
-            with fsspec.open(url, "rb", **cfg.storage_options) as source, open(partial, "wb") as target:
-                while chunk := source.read(READ_CHUNK):
-                    target.write(chunk)
-                    yield None
-            os.replace(partial, local)  # atomic: another worker never sees half a shard
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
-    return local
-
-
-def _iter_tar_samples(stream, wanted: Callable[[int], bool]) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-    """Group consecutive tar members by key (the name up to the first dot of its base name) and yield
-    (index in shard, key, {extension: bytes}); the files of samples not `wanted` are never read."""
-    archive = tarfile.open(fileobj=stream, mode="r|*")
-    index, key, files = -1, None, None
-    for member in archive:
-        if not member.isfile():
-            continue
-        directory, base = posixpath.split(member.name)
-        stem, _, extension = base.partition(".")
-        if not extension or stem.startswith("__"):
-            continue  # not part of a sample (e.g. __meta__ files)
-        member_key = posixpath.join(directory, stem)
-        if member_key != key:
-            if key is not None:
-                yield index, key, files
-            index, key = index + 1, member_key
-            files = {} if wanted(index) else None
-        if files is not None:
-            files[extension.lower()] = archive.extractfile(member).read()
-    if not ends_cleanly(archive):  # cut at a block boundary: its last sample may lack members
-        raise tarfile.ReadError(f"the tar ends at byte {archive.offset} without its end-of-archive marker")
-    if key is not None:
-        yield index, key, files
-
-
-def ends_cleanly(archive: tarfile.TarFile) -> bool:
-    """After iterating a stream-mode ('r|') archive to its end: whether it ended with the end-of-archive
-    (zero) block. tarfile stops as quietly when the data simply runs out at a block boundary, where its
-    stream position is short of the block it tried to read as the next header."""
-    return archive.fileobj.tell() >= archive.offset + tarfile.BLOCKSIZE
+    """storage.open_shard with the loader's settings (storage options, cache, read timeout, pipes)."""
+    return storage.open_shard(url, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
+                              read_timeout_s=cfg.read_timeout_s, allow_pipe=cfg.allow_pipe)
 
 
 @dataclass(frozen=True)
@@ -575,34 +346,6 @@ class _Entry(NamedTuple):
     key: str
     files: dict[str, bytes] | None  # None: lost, see reason
     reason: str
-
-
-def _describe(error: BaseException) -> str:
-    """An error as a log line shows it, next to the shard's URL."""
-    if isinstance(error, ShardReadTimeout):
-        return f"no data for {error.timeout:g} s (data.read_timeout_s)"
-    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
-        error = error.__cause__  # fsspec's http wraps the real failure (a 503, a refused connection)
-    return f"{type(error).__name__}: {error}"
-
-
-def _is_not_found(error: BaseException) -> bool:
-    """Whether an error says the shard is not there. S3's NoSuchKey and HTTP's 404 arrive as
-    FileNotFoundError; but fsspec's http also turns any failure of its size probe (a 503, a refused
-    connection) into a FileNotFoundError raised from the real error, which is transient."""
-    if not isinstance(error, FileNotFoundError):
-        return False
-    cause = error.__cause__
-    if cause is None or isinstance(cause, FileNotFoundError):
-        return True
-    status = getattr(cause, "status", None)  # aiohttp's ClientResponseError
-    if isinstance(status, int):
-        return status in (404, 410)
-    response = getattr(cause, "response", None)  # botocore's ClientError
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code")) in ("NoSuchKey", "NoSuchBucket", "NotFound", "404")
-    return False
-
 
 _warned: set[tuple[str, str]] = set()  # (what, shard) already told in this process
 
@@ -641,7 +384,7 @@ class _StreamReader:
 
     def _read_segment(self, segment: Segment, needed: np.ndarray) -> Iterator[_Entry]:
         next_index = segment.first  # first shard index not yet handled
-        attempt, budget_start = 0, None
+        retry = storage.RetryBudget(self.cfg.retries, self.cfg.retry_max_s, self.cfg.retry_backoff)
         reason = "shard_not_found" if segment.url in self.missing else ""  # told at start: not again
         while next_index < segment.end and not reason:
             attempt_start, progress_from = time.monotonic(), next_index
@@ -650,12 +393,16 @@ class _StreamReader:
                     def wanted(i, start=next_index):
                         return start <= i < segment.end and bool(needed[segment.offset + i - segment.first])
 
-                    for index, key, files in _iter_tar_samples(stream, wanted):
-                        if index < next_index:
+                    for sample in shardformat.iter_samples(stream, wanted):
+                        if sample.index < next_index:
                             continue
-                        next_index = index + 1
-                        if files is not None:
-                            yield _Entry(segment.offset + index - segment.first, segment.url, key, files, "")
+                        next_index = sample.index + 1
+                        if sample.problem and wanted(sample.index):  # webdataset raises here: we skip the sample
+                            yield _Entry(segment.offset + sample.index - segment.first, segment.url, sample.key,
+                                         None, sample.problem)
+                        elif sample.files is not None:
+                            yield _Entry(segment.offset + sample.index - segment.first, segment.url, sample.key,
+                                         sample.files, "")
                         if next_index >= segment.end:
                             break  # the segment is done: not a byte more of this shard
                 if next_index < segment.end:
@@ -673,31 +420,26 @@ class _StreamReader:
             except ConfigError:
                 raise
             except Exception as error:
-                if _is_not_found(error):  # retrying will not bring it back
+                if storage.is_not_found(error):  # retrying will not bring it back
                     reason = "shard_not_found"
                     self.counts["shards_not_found"] += 1
                     self._warn("not found", segment.url, "shard %s not found (%s): its samples are skipped",
                                segment.url, error)
                     break
                 # network, server, a stalled read: worth retrying
-                if isinstance(error, ShardReadTimeout):
+                if isinstance(error, storage.ShardReadTimeout):
                     self.counts["shard_timeouts"] += 1
-                if next_index > progress_from:  # it was making progress: a fresh budget
-                    attempt, budget_start = 0, None
-                budget_start = attempt_start if budget_start is None else budget_start
-                delay = min(self.cfg.retry_backoff * 2**attempt, RETRY_BACKOFF_CAP)
-                spent = time.monotonic() - budget_start
-                if attempt >= self.cfg.retries or spent + delay > self.cfg.retry_max_s:
+                delay = retry.next_delay(attempt_start, progressed=next_index > progress_from)
+                if delay is None:
                     reason = "shard_failed"
                     self.counts["shards_failed"] += 1
-                    self._log("shard %s failed %d times in %.0f s (%s): skipped", segment.url, attempt + 1,
-                              spent, _describe(error))
+                    self._log("shard %s failed %d times in %.0f s (%s): skipped", segment.url, retry.attempt + 1,
+                              retry.spent, storage.describe(error))
                     break
                 self.counts["shard_retries"] += 1
-                self._log("shard %s failed (%s); retry %d in %.1f s", segment.url, _describe(error), attempt + 1,
-                          delay)
+                self._log("shard %s failed (%s); retry %d in %.1f s", segment.url, storage.describe(error),
+                          retry.attempt, delay)
                 time.sleep(delay)
-                attempt += 1
         for index in range(next_index, segment.end):
             stream_index = segment.offset + index - segment.first
             if needed[stream_index]:
@@ -870,7 +612,7 @@ class StreamingDataset(IterableDataset):
         if files is None:
             note(entry.reason, entry.url, entry.key)
             return None
-        extensions = IMAGE_EXTENSIONS if self.cfg.modality == "image" else AUDIO_EXTENSIONS
+        extensions = shardformat.IMAGE_FIELDS if self.cfg.modality == "image" else shardformat.AUDIO_FIELDS
         media_ext = next((ext for ext in extensions if ext in files), None)
         if media_ext is None:
             note("missing_media", entry.url, entry.key)
@@ -1051,6 +793,7 @@ STAT_KEYS = (
     "skipped_missing_media",  # no image/audio member
     "skipped_missing_caption",  # no caption, or an empty one
     "skipped_bad_caption",  # a .txt caption that is not UTF-8
+    "skipped_duplicate_member",  # a field twice in one sample (x.jpg twice): webdataset raises, we skip the sample
     "skipped_truncated_shard",  # lost after the point where a tar is damaged
     "skipped_missing_from_shard",  # the tar holds fewer samples than listed
     "skipped_shard_not_found",  # the shard is not there
@@ -1187,7 +930,7 @@ def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed
     weights = list(cfg.weights) or [1.0] * len(sources)
     if len(weights) != len(sources):
         raise ConfigError(f"data.weights has {len(weights)} entries for {len(sources)} sources in '{urls}'")
-    names = json.dumps([[(_shard_name(u), n) for u, n in source] for source in sources])
+    names = json.dumps([[(storage.base_name(u), n) for u, n in source] for source in sources])
     fingerprint = hashlib.sha1(names.encode()).hexdigest()[:16]
     dataset = StreamingDataset(cfg, sources, rank=rank, world_size=world_size, seed=seed,
                                media_transform=media_transform, tokenizer=tokenizer, train=train,

@@ -21,6 +21,7 @@ import torch
 
 from pipeline.evaluate import format_table
 from pipeline.metrics import read_metrics
+from pipeline.shardformat import SIZES_FILE
 from pipeline.shards import BuildConfig, build_shards
 from pipeline.train import load_run_config, run_dir_of
 
@@ -29,7 +30,7 @@ def ensure_embedded_shards(cfg) -> None:
     """Build the embedded data set a demo config points at (shards/<set>/<split>) if it is missing."""
     for urls, split in ((cfg.data.train_urls, "train"), (cfg.data.val_urls, "val")):
         directory = Path(urls)
-        if not urls or (directory / "sizes.json").is_file():
+        if not urls or (directory / SIZES_FILE).is_file():
             continue
         source = "tones" if cfg.data.modality == "audio" else "shapes"
         print(f"building the embedded '{source}' {split} shards into {directory}", flush=True)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.errors import ConfigError
+from pipeline.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +284,7 @@ def read_classes(dataset_url: str, storage_options: dict | None = None) -> dict 
 
 
 def _read_one_classes(path: str, storage_options: dict) -> dict | None:
-    import fsspec
-
-    fs, fs_path = fsspec.core.url_to_fs(path, **storage_options)
+    fs, fs_path = url_to_fs(path, storage_options)
     if not fs.exists(fs_path):
         return None
     try:

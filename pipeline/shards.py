@@ -1,14 +1,20 @@
-"""Build and verify WebDataset tar shards: `python -m pipeline shards build|verify`.
+"""Build, verify and list WebDataset tar shards: `python -m pipeline shards build|verify|ls`.
 
     python -m pipeline shards build --source shapes --split train --output shards/shapes/train
     python -m pipeline shards build --source folder --input photos/ --resize 256 --output s3://bucket/photos \\
         --storage-option client_kwargs.endpoint_url=http://127.0.0.1:9000
     python -m pipeline shards build --source manifest --input pairs.parquet --output shards/pairs --workers 4
     python -m pipeline shards verify shards/shapes/train s3://bucket/photos/photos-000000.tar
+    python -m pipeline shards ls shards/shapes/train --limit 5 [--json]   # keys and fields as the loader sees them
 
 A data set is `{prefix}-{index:06d}.tar` shards, `sizes.json` (shard name -> samples, as open_clip
 reads it), `{prefix}-{index:06d}_stats.json` per shard (img2dataset-like) and `classes.json` for the
 embedded labelled sets.
+
+The format itself (member names -> keys and fields, the tar writer, sizes.json and *_stats.json) is
+pipeline.shardformat, the one the loader reads with; file access is pipeline.storage. This module is long
+(~1000 lines) because it is the whole `shards` program: inputs (folder, manifest), media checks and
+resizing, the parallel deterministic build, verify, ls and their CLI.
 
 Determinism: the input is cut into fixed chunks of `samples_per_shard` input items; each chunk is
 built by one worker into one tar (or several, when `max_shard_bytes` cuts it) with fixed member
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -34,15 +41,15 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import fsspec
 from tqdm import tqdm
 
-from pipeline import synthetic
+from pipeline import shardformat, storage, synthetic
+from pipeline.args import parse_overrides
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -53,8 +60,6 @@ PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border")
 MANIFEST_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 SOURCES = ("shapes", "tones", "folder", "manifest")
-# tar member metadata fixed so that the same samples give the same bytes on any machine, at any time
-TAR_MTIME, TAR_MODE, TAR_OWNER = 0, 0o444, "bigdata"
 
 
 class ShardBuildError(RuntimeError):
@@ -172,14 +177,10 @@ class SkippedSample(Exception):
         self.reason = reason
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _join(base: str, relative: str) -> str:
-    if _is_url(relative) or os.path.isabs(relative):
+    if storage.is_remote(relative) or os.path.isabs(relative):
         return relative
-    return posixpath.join(base, relative) if _is_url(base) else os.path.join(base, relative)
+    return posixpath.join(base, relative) if storage.is_remote(base) else os.path.join(base, relative)
 
 
 def _key_from_index(index: int) -> str:
@@ -188,7 +189,7 @@ def _key_from_index(index: int) -> str:
 
 def list_folder(folder: str, storage_options: dict[str, Any]) -> list[SourceItem]:
     """Media files under `folder` (sorted by path) with their sidecar .txt/.json; keys are zero-padded indices."""
-    fs, root = fsspec.core.url_to_fs(folder, **storage_options)
+    fs, root = storage.url_to_fs(folder, storage_options)
     if not fs.isdir(root):
         raise ShardBuildError(f"input folder '{folder}' does not exist or is not a directory")
     paths = sorted(fs.find(root))
@@ -199,11 +200,11 @@ def list_folder(folder: str, storage_options: dict[str, Any]) -> list[SourceItem
         ext = ext.lower()
         if ext not in IMAGE_EXTENSIONS and ext not in AUDIO_EXTENSIONS:
             continue
-        url = fs.unstrip_protocol(path) if _is_url(folder) else path
+        url = fs.unstrip_protocol(path) if storage.is_remote(folder) else path
         key = _key_from_index(len(items))
         caption_path = stem + ".txt" if stem + ".txt" in present else None
         json_path = stem + ".json" if stem + ".json" in present else None
-        if _is_url(folder):
+        if storage.is_remote(folder):
             caption_path = caption_path and fs.unstrip_protocol(caption_path)
             json_path = json_path and fs.unstrip_protocol(json_path)
         skip = None
@@ -211,7 +212,7 @@ def list_folder(folder: str, storage_options: dict[str, Any]) -> list[SourceItem
             skip = "duplicate_key"
         owner_of_stem.setdefault(stem, path)
         items.append(SourceItem(key, url, None, caption_path, json_path,
-                                {"source_path": os.path.relpath(path, root) if not _is_url(folder) else url}, skip))
+                                {"source_path": os.path.relpath(path, root) if not storage.is_remote(folder) else url}, skip))
     return items
 
 
@@ -231,8 +232,7 @@ def read_manifest_rows(path: str, fmt: str | None, storage_options: dict[str, An
     """(column names, rows) of a CSV/TSV/JSONL/Parquet table, local or remote."""
     fmt = _manifest_format(path, fmt)
     try:
-        with fsspec.open(path, "rb", **storage_options) as handle:
-            raw = handle.read()
+        raw = storage.read_bytes(path, storage_options)
     except FileNotFoundError:
         raise ShardBuildError(f"manifest '{path}' does not exist") from None
     try:
@@ -261,7 +261,7 @@ def list_manifest(cfg: BuildConfig) -> list[SourceItem]:
         if column not in columns:
             raise ShardBuildError(f"manifest '{cfg.input}' has no {role} '{column}' (columns: {', '.join(columns)}); "
                                   f"name it with --{role.replace(' ', '-')}")
-    base = posixpath.dirname(cfg.input) if _is_url(cfg.input) else os.path.dirname(os.path.abspath(cfg.input))
+    base = posixpath.dirname(cfg.input) if storage.is_remote(cfg.input) else os.path.dirname(os.path.abspath(cfg.input))
     has_keys = cfg.key_column in columns
     items, seen = [], set()
     for row_number, row in enumerate(rows):
@@ -287,10 +287,7 @@ def _sanitize_key(key: str) -> str:
 
 def _read_bytes(path: str, storage_options: dict[str, Any]) -> bytes:
     try:
-        if _is_url(path):
-            with fsspec.open(path, "rb", **storage_options) as handle:
-                return handle.read()
-        return Path(path).read_bytes()
+        return storage.read_bytes(path, storage_options)
     except FileNotFoundError:
         raise SkippedSample("missing_file", path) from None
     except OSError as error:
@@ -454,22 +451,18 @@ class ShardPart:
 
 
 class _PartWriter:
-    """Writes samples into a tar with fixed member metadata (deterministic bytes)."""
+    """Writes samples into a staged tar (shardformat.TarSampleWriter: deterministic bytes) and counts
+    the skipped ones for its *_stats.json."""
 
     def __init__(self, path: str):
         self.path = path
-        self.tar = tarfile.open(path, "w", format=tarfile.GNU_FORMAT)
+        self.tar = shardformat.TarSampleWriter(path)
         self.samples = 0
         self.failed: Counter[str] = Counter()
         self.start = time.time()
 
     def write(self, sample: Sample) -> None:
-        for ext in sorted(sample.files):
-            data = sample.files[ext]
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
-            info.uname = info.gname = TAR_OWNER
-            self.tar.addfile(info, io.BytesIO(data))
+        self.tar.write(sample.key, sample.files)
         self.samples += 1
 
     def close(self) -> ShardPart:
@@ -567,7 +560,7 @@ class _Output:
     def __init__(self, url: str, storage_options: dict[str, Any]):
         self.url = url
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **storage_options)
+            self.fs, self.root = storage.url_to_fs(url, storage_options)
         except (ValueError, ImportError) as error:
             raise ShardBuildError(f"output '{url}' cannot be opened: {error}") from None
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
@@ -659,18 +652,17 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
                     continue
                 name = f"{prefix}-{len(shard_sizes):06d}.tar"
                 output.put(part.staged_path, name)
-                output.write_text(name.replace(".tar", "_stats.json"),
-                                  json.dumps({"shard": name, **part.stats}, indent=1) + "\n")
+                output.write_text(storage.base_name(shardformat.stats_url(name)), shardformat.stats_json(name, part.stats))
                 shard_sizes[name] = part.samples
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
-    keep = set(shard_sizes) | {n.replace(".tar", "_stats.json") for n in shard_sizes}
+    keep = set(shard_sizes) | {shardformat.stats_url(name) for name in shard_sizes}
     for name in output.remove_stale(prefix, keep):
         logger.warning("removed %s left by an earlier build with prefix '%s'", name, prefix)
-    output.write_text("sizes.json", json.dumps(shard_sizes, indent=1) + "\n")
+    output.write_text(shardformat.SIZES_FILE, shardformat.sizes_json(shard_sizes))
     if cfg.source in synthetic.SOURCES:
         output.write_text("classes.json", synthetic.classes_json(cfg.source))
     return BuildSummary(cfg.output, prefix, shard_sizes, total, dict(sorted(failed.items())), time.time() - started)
@@ -706,86 +698,94 @@ class DamagedTar(Exception):
 
 
 def _count_tar_samples(handle) -> tuple[int, list[str]]:
-    """Samples (distinct keys) in a tar stream, reading every member so truncation is caught
-    (DamagedTar, with the samples complete before it)."""
-    keys, problems, media, captions, bad_captions = [], [], set(), set(), []
+    """Samples in a tar stream, grouped as the loader groups them (shardformat.iter_samples, every member
+    read so truncation is caught: DamagedTar, with the samples complete before it), and their problems."""
+    keys, problems = [], []
+    media_fields = set(shardformat.IMAGE_FIELDS) | set(shardformat.AUDIO_FIELDS)
     try:
-        with tarfile.open(fileobj=handle, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                reader = tar.extractfile(member)
-                data = reader.read() if reader else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} is truncated")
-                base = posixpath.basename(member.name)
-                key, _, ext = base.partition(".")
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                if ext in IMAGE_EXTENSIONS or ext in AUDIO_EXTENSIONS:
-                    media.add(key)
-                if ext == "txt":
-                    captions.add(key)
-                    try:
-                        data.decode("utf-8")
-                    except UnicodeDecodeError:
-                        bad_captions.append(key)
-            # the data ran out at a block boundary: tarfile ends quietly, without the end-of-archive block
-            if tar.fileobj.tell() < tar.offset + tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"it ends at byte {tar.offset} without its end-of-archive marker")
+        for sample in shardformat.iter_samples(handle):
+            keys.append(sample.key)
+            if sample.problem:
+                problems.append(f"sample {sample.key} has a member name twice (the loader skips it)")
+                continue
+            files = sample.files
+            if not media_fields & set(files):
+                problems.append(f"sample {sample.key} has no image/audio member")
+            elif "txt" not in files:
+                problems.append(f"sample {sample.key} has no .txt caption")
+            else:
+                try:
+                    files["txt"].decode("utf-8")
+                except UnicodeDecodeError:
+                    problems.append(f"sample {sample.key} has a .txt caption that is not UTF-8 (the loader skips it)")
     except (tarfile.TarError, EOFError) as error:
-        raise DamagedTar(max(len(keys) - 1, 0), error) from error  # the sample being read is not complete
-    for key in bad_captions:
-        problems.append(f"sample {key} has a .txt caption that is not UTF-8 (the loader skips it)")
+        raise DamagedTar(len(keys), error) from error
     if len(set(keys)) != len(keys):
         problems.append("samples of one key are not contiguous or a key repeats")
-    for key in keys:
-        if key not in media:
-            problems.append(f"sample {key} has no image/audio member")
-        elif key not in captions:
-            problems.append(f"sample {key} has no .txt caption")
     return len(keys), problems[:10]
 
 
+def _expected_count(url: str, sizes: dict[str, int] | None, storage_options: dict) -> tuple[int | None, str]:
+    """(the shard's listed count, where it is listed): sizes.json, else its *_stats.json (img2dataset)."""
+    name = storage.base_name(url)
+    if sizes and name in sizes:
+        return sizes[name], "sizes.json"
+    stats = shardformat.read_stats(url, storage_options)
+    if stats is not None:
+        return stats["successes"], storage.base_name(shardformat.stats_url(url))
+    return None, ""
+
+
+def _read_sizes(directory: str, report: VerifyReport, storage_options: dict) -> dict[str, int] | None:
+    try:
+        return shardformat.read_sizes(directory, storage_options)
+    except shardformat.SizesError as error:
+        report.problems.append(str(error))
+        return None
+
+
 def verify(urls: list[str], storage_options: dict[str, Any] | None = None, progress: bool = True) -> VerifyReport:
-    """Check data set directories or shard URLs: tars readable, per-shard counts equal sizes.json."""
+    """Check data set directories or shard URLs: tars readable, samples complete, per-shard counts equal
+    sizes.json (or, without one, each shard's *_stats.json, as img2dataset writes; with neither, the
+    loader counts the tar and so does this)."""
     import braceexpand
 
     storage_options = storage_options or {}
     report = VerifyReport()
     # (shard url, expected count or None, where the expectation comes from)
-    targets: list[tuple[str, int | None]] = []
+    targets: list[tuple[str, int | None, str]] = []
     for pattern in urls:
         for url in braceexpand.braceexpand(pattern):
-            fs, path = fsspec.core.url_to_fs(url, **storage_options)
-            remote = _is_url(url)
+            fs, path = storage.url_to_fs(url, storage_options)
             if path.endswith(".tar"):
                 if not fs.exists(path):
                     report.problems.append(f"{url}: does not exist")
                     continue
-                sizes = _read_sizes(fs, posixpath.dirname(path) if remote else os.path.dirname(path), report, quiet=True)
-                targets.append((url, sizes.get(posixpath.basename(path)) if sizes else None))
+                sizes = _read_sizes(posixpath.dirname(url), report, storage_options)
+                targets.append((url, *_expected_count(url, sizes, storage_options)))
                 continue
             if not fs.isdir(path):
                 report.problems.append(f"{url}: neither a .tar shard nor a data set directory")
                 continue
-            sizes = _read_sizes(fs, path, report, quiet=False) or {}
-            present = {posixpath.basename(p) for p in fs.glob(posixpath.join(path, "*.tar"))}
-            for name in sorted(present - set(sizes)):
-                report.problems.append(f"{url}: shard {name} is not listed in sizes.json")
-            for name, expected in sizes.items():
-                if name not in present:
-                    report.problems.append(f"{url}: shard {name} listed in sizes.json is missing ({expected} samples)")
-                    continue
-                joined = posixpath.join(url.rstrip("/"), name) if remote else os.path.join(path, name)
-                targets.append((joined, expected))
-    for url, expected in tqdm(targets, desc="verifying", unit="shard", disable=not progress, file=sys.stderr):
+            sizes = _read_sizes(url, report, storage_options)
+            shard_urls = storage.list_tars(url, storage_options)
+            present = {storage.base_name(u) for u in shard_urls}
+            if sizes is not None:
+                for name in sorted(present - set(sizes)):
+                    report.problems.append(f"{url}: shard {name} is not listed in sizes.json")
+                for name, expected in sizes.items():
+                    if name not in present:
+                        report.problems.append(f"{url}: shard {name} listed in sizes.json is missing ({expected} samples)")
+            targets += [(u, *_expected_count(u, sizes, storage_options)) for u in shard_urls
+                        if sizes is None or storage.base_name(u) in sizes]
+    for url, expected, listed_in in tqdm(targets, desc="verifying", unit="shard", disable=not progress,
+                                         file=sys.stderr):
         report.shards += 1
         try:
-            with fsspec.open(url, "rb", **storage_options) as handle:
+            with storage.open_url(url, "rb", storage_options) as handle:
                 count, problems = _count_tar_samples(handle)
         except DamagedTar as error:
-            listed = f"; sizes.json says {expected}" if expected is not None else ""
+            listed = f"; {listed_in} says {expected}" if expected is not None else ""
             report.problems.append(f"{url}: unreadable tar ({error}): {error.complete} complete samples before the "
                                    f"damage{listed}")
             report.samples += error.complete
@@ -796,45 +796,52 @@ def verify(urls: list[str], storage_options: dict[str, Any] | None = None, progr
         report.samples += count
         report.problems += [f"{url}: {p}" for p in problems]
         if expected is not None and count != expected:
-            report.problems.append(f"{url}: holds {count} samples but sizes.json says {expected}")
+            report.problems.append(f"{url}: holds {count} samples but {listed_in} says {expected}")
     return report
 
 
-def _read_sizes(fs, directory: str, report: VerifyReport, quiet: bool) -> dict[str, int] | None:
-    path = posixpath.join(directory, "sizes.json")
-    try:
-        with fs.open(path, "rb") as handle:
-            sizes = json.loads(handle.read())
-    except FileNotFoundError:
-        if not quiet:
-            report.problems.append(f"{directory}: no sizes.json")
-        return None
-    except ValueError as error:
-        report.problems.append(f"{path}: not valid JSON ({error})")
-        return None
-    if not isinstance(sizes, dict) or not all(isinstance(v, int) for v in sizes.values()):
-        report.problems.append(f"{path}: must map shard names to sample counts")
-        return None
-    return sizes
+# ---------------------------------------------------------------- ls
+
+
+def list_samples(urls: list[str], storage_options: dict[str, Any] | None = None,
+                 limit: int = 0) -> Iterator[dict[str, Any]]:
+    """Every sample of the shards as the loader sees it (same reader, same grouping): {"shard", "key",
+    "fields": {field: bytes}} plus "skipped": reason for a sample the loader skips at read."""
+    import braceexpand
+
+    storage_options = storage_options or {}
+    shown = 0
+    for pattern in urls:
+        for source in braceexpand.braceexpand(pattern):
+            fs, path = storage.url_to_fs(source, storage_options)
+            shard_urls = [source] if path.endswith(".tar") or not fs.isdir(path) else storage.list_tars(source,
+                                                                                                        storage_options)
+            for url in shard_urls:
+                with storage.open_shard(url, storage_options=storage_options) as stream:
+                    for sample in shardformat.iter_samples(stream, wanted=lambda index: False):
+                        record = {"shard": url, "key": sample.key, "fields": dict(sorted(sample.sizes.items()))}
+                        if sample.problem:
+                            record["skipped"] = sample.problem
+                        yield record
+                        shown += 1
+                        if limit and shown >= limit:
+                            return
 
 
 # ---------------------------------------------------------------- CLI
 
 
 def parse_storage_options(pairs: list[str]) -> dict[str, Any]:
-    """["client_kwargs.endpoint_url=http://...", "anon=true"] -> nested dict (dots make sub-dicts)."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ConfigError(f"--storage-option '{pair}' is not of the form KEY=VALUE")
-        key, value = pair.split("=", 1)
-        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
-        node = options
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = parsed
-    return options
+    """["client_kwargs.endpoint_url=http://...", "anon=true"] -> nested dict (dots make sub-dicts), parsed as
+    the trainer's dot-list overrides are (pipeline.args): values are YAML scalars."""
+    try:
+        return parse_overrides(pairs or [])
+    except ConfigError as error:
+        raise ConfigError(f"--storage-option: {error}") from None
+
+
+# the build options' defaults are BuildConfig's, declared once
+_BUILD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildConfig)}
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -853,9 +860,9 @@ def _add_storage_option(parser: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("shards", help="build or verify WebDataset tar shards", description=__doc__,
+    parser = subparsers.add_parser("shards", help="build, verify or list WebDataset tar shards", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="shards_command", metavar="{build,verify}")
+    commands = parser.add_subparsers(dest="shards_command", metavar="{build,verify,ls}")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
     build = commands.add_parser(
@@ -868,21 +875,21 @@ def register_cli(subparsers) -> None:
                        help="shapes/tones: the embedded generated sets; folder: media files with sidecar .txt/.json "
                             "captions; manifest: a table with a path and a caption column")
     build.add_argument("--output", required=True, help="local directory or fsspec URL (s3://bucket/prefix)")
-    build.add_argument("--split", choices=synthetic.SPLITS, default="train",
+    build.add_argument("--split", choices=synthetic.SPLITS, default=_BUILD_DEFAULTS["split"],
                        help="embedded sets: train, or val (held out: a different random stream)")
     build.add_argument("--count", type=int, default=None,
                        help="embedded sets: samples to generate (default: shapes 10000/1000, tones 3000/500 for "
                             "train/val)")
-    build.add_argument("--seed", type=int, default=0, help="embedded sets: seed; same seed, same bytes")
-    build.add_argument("--image-size", type=int, default=64, help="shapes: image side in pixels (64-224)")
-    build.add_argument("--sample-rate", type=int, default=16000, help="tones: sample rate in Hz (16000-48000)")
+    build.add_argument("--seed", type=int, default=_BUILD_DEFAULTS["seed"], help="embedded sets: seed; same seed, same bytes")
+    build.add_argument("--image-size", type=int, default=_BUILD_DEFAULTS["image_size"], help="shapes: image side in pixels (64-224)")
+    build.add_argument("--sample-rate", type=int, default=_BUILD_DEFAULTS["sample_rate"], help="tones: sample rate in Hz (16000-48000)")
     build.add_argument("--input", default=None,
                        help="folder: the directory (images jpg/png/webp or audio flac/wav, sidecar .txt and/or "
                             ".json with 'caption' or 'captions'); manifest: the table's path or URL")
-    build.add_argument("--path-column", default="path",
+    build.add_argument("--path-column", default=_BUILD_DEFAULTS["path_column"],
                        help="manifest: column of media paths (local, relative to the manifest, or fsspec URLs)")
-    build.add_argument("--caption-column", default="caption", help="manifest: column of captions")
-    build.add_argument("--key-column", default="key",
+    build.add_argument("--caption-column", default=_BUILD_DEFAULTS["caption_column"], help="manifest: column of captions")
+    build.add_argument("--key-column", default=_BUILD_DEFAULTS["key_column"],
                        help="manifest: column of sample keys, used when present (dots become '_'); "
                             "otherwise keys are zero-padded row numbers. Other columns go into each .json")
     build.add_argument("--format", choices=MANIFEST_FORMATS, default=None,
@@ -893,13 +900,13 @@ def register_cli(subparsers) -> None:
                        help="input samples per shard (default 1000, tones 500); skipped ones leave it smaller")
     build.add_argument("--max-shard-bytes", type=int, default=0,
                        help="start a new shard before one would exceed this many bytes (0: no limit)")
-    build.add_argument("--resize", type=int, default=0,
+    build.add_argument("--resize", type=int, default=_BUILD_DEFAULTS["resize"],
                        help="images: target size in pixels of the shorter side (keep_ratio) or of the square "
                             "(center_crop, border); never upscales; 0: keep images as they are")
-    build.add_argument("--resize-mode", choices=RESIZE_MODES, default="keep_ratio",
+    build.add_argument("--resize-mode", choices=RESIZE_MODES, default=_BUILD_DEFAULTS["resize_mode"],
                        help="no: keep; keep_ratio: shorter side to --resize; center_crop: then crop the centre "
                             "square; border: longer side to --resize, then pad to a square")
-    build.add_argument("--jpeg-quality", type=int, default=95, help="quality of re-encoded JPEG/WebP images")
+    build.add_argument("--jpeg-quality", type=int, default=_BUILD_DEFAULTS["jpeg_quality"], help="quality of re-encoded JPEG/WebP images")
     build.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="worker processes, each building whole shards; the output is the same for any number")
     _add_storage_option(build)
@@ -907,14 +914,32 @@ def register_cli(subparsers) -> None:
     build.set_defaults(func=_run_build)
 
     check = commands.add_parser(
-        "verify", help="check shards: tars readable, counts equal sizes.json",
+        "verify", help="check shards: tars readable, counts equal sizes.json or *_stats.json",
         description="Check data set directories or shard URLs (local or fsspec, brace patterns allowed): every "
-                    "tar readable to the end, every sample has media and a caption, per-shard counts equal "
-                    "sizes.json. Lists the problems; exits 1 when there is any.")
+                    "tar readable to the end, every sample has media and a caption (samples grouped as the loader "
+                    "groups them), per-shard counts equal sizes.json or, without one, each shard's *_stats.json "
+                    "(img2dataset). Lists the problems; exits 1 when there is any.")
     check.add_argument("urls", nargs="+", metavar="URL", help="data set directory or shard (.tar) URL")
     _add_storage_option(check)
     check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(func=_run_verify)
+
+    listing = commands.add_parser(
+        "ls", help="list each sample's key and fields with their sizes, as the loader sees them",
+        description="List the samples of shards exactly as the loader groups them (webdataset's keys: the "
+                    "member name up to the first dot of its base name, directory included; the field is the "
+                    "rest, lower-cased; names webdataset skips, such as .hidden or macOS ._* files, are "
+                    "skipped). One line per sample: KEY  FIELD=BYTES ...; a sample the loader skips (a member "
+                    "name twice) is marked 'skipped: REASON'. Samples are read in shard order without decoding.",
+        formatter_class=_DefaultsFormatter)
+    listing.add_argument("urls", nargs="+", metavar="URL",
+                         help="data set directory, shard (.tar) URL or brace pattern, local or fsspec")
+    listing.add_argument("--limit", type=int, default=0, help="stop after this many samples (0: all)")
+    listing.add_argument("--json", action="store_true",
+                         help='one JSON object per sample: {"shard": URL, "key": KEY, "fields": {"jpg": 10233, '
+                              '"txt": 41}} (and "skipped": REASON where the loader skips it)')
+    _add_storage_option(listing)
+    listing.set_defaults(func=_run_ls)
 
 
 def _run_build(args) -> int:
@@ -946,3 +971,29 @@ def _run_verify(args) -> int:
         print(f"problem: {problem}")
     print(f"{report.shards} shards, {report.samples} samples, {len(report.problems)} problems")
     return 1 if report.problems else 0
+
+
+def _run_ls(args) -> int:
+    if args.limit < 0:
+        print(f"error: --limit must be >= 0, got {args.limit}", file=sys.stderr)
+        return 2
+    try:
+        for record in list_samples(args.urls, parse_storage_options(args.storage_option), args.limit):
+            if args.json:
+                print(json.dumps(record))
+                continue
+            fields = "  ".join(f"{name}={size}" for name, size in record["fields"].items())
+            skipped = f"  (skipped: {record['skipped']})" if "skipped" in record else ""
+            print(f"{record['key']}  {fields}{skipped}")
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"error: not found: {error}", file=sys.stderr)
+        return 2
+    except (tarfile.TarError, EOFError) as error:
+        print(f"error: damaged tar ({error})", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+    return 0
