@@ -320,7 +320,7 @@ def build_run(args) -> BenchRun:
     engine.train()
     loss_fn = build_loss(LossConfig(chunk_size=args.loss_chunk_size), dist.rank, dist.world_size)
     return BenchRun(engine=engine, loss_fn=loss_fn, model_cfg=model_cfg, device=dist.device,
-                    media_dtype=parallelize.model_dtype(args.precision), rank=dist.rank,
+                    media_dtype=torch.float32, rank=dist.rank,
                     world_size=dist.world_size, optimizer_kind=kind, grad_clip=optim_cfg.grad_clip)
 
 

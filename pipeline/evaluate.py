@@ -149,7 +149,7 @@ def zero_shot_accuracy(media_features: torch.Tensor, labels: torch.Tensor, class
 
 
 def _parameter_dtype(model) -> torch.dtype:
-    # under bf16/fp16 DeepSpeed the module's weights are half precision: feed media to match
+    # float media (log-mel) must match the weights' dtype: fp32 from training, whatever a loaded model holds
     for parameter in model.parameters():
         if parameter.is_floating_point():
             return parameter.dtype

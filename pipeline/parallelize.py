@@ -161,13 +161,6 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[s
     return engine
 
 
-def model_dtype(precision: str) -> torch.dtype:
-    """The dtype of the module's weights, which its float inputs must match: fp32 in every mode (autocast
-    lowers the matmuls, not the weights)."""
-    resolve_precision(precision)
-    return torch.float32
-
-
 def _is_block(module: nn.Module) -> bool:
     # open_clip's blocks (ResidualAttentionBlock and its custom variant) serve both towers and our audio tower
     return type(module).__name__ in ("ResidualAttentionBlock", "CustomResidualAttentionBlock")

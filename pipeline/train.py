@@ -41,7 +41,6 @@ from pipeline.parallelize import (
     check_precision,
     compile_blocks,
     deepspeed_config,
-    model_dtype,
     resolve_precision,
     should_compile,
 )
@@ -189,7 +188,8 @@ def train(cfg) -> dict[str, Any]:
     stop_at = min(cfg.train.steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps \
         else cfg.train.steps
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
-    batches, media_dtype, last_eval = _batches_forever(loader), model_dtype(precision), {}
+    # the weights are fp32 in every mode (autocast lowers the matmuls), and so is float media (log-mel)
+    batches, media_dtype, last_eval = _batches_forever(loader), torch.float32, {}
     window, compile_timer, first_step = LogWindow(dist.world_size, precision), CompileTimer(compiled), state.step
     # SIGTERM / SIGUSR1: finish the step, save, exit 75 (requeue); checkpoint.every_minutes: timed saves
     stop_signals, preempted = StopSignals(every_minutes=cfg.checkpoint.every_minutes).install(), None
