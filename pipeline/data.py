@@ -109,6 +109,17 @@ class DataConfig:
     """Resampled mode: samples per epoch over all ranks; 0 means the total size of the sources."""
     cache_dir: str | None = None
     """Local directory keeping a copy of every remote shard read; None reads remote shards directly."""
+    cache_max_gb: float = 0.0
+    """Most gigabytes `cache_dir` may hold: the least recently used shards are evicted past it (never
+    one being read); 0 means no limit."""
+    decode: str = "cpu"
+    """'cpu': workers decode and crop every image. 'gpu': workers hand over the JPEG bytes with each
+    sample's crop, and the training process decodes the batch on its device (nvJPEG through
+    torchvision.io.decode_jpeg) and crops and resizes there; other formats, CMYK and JPEGs the device
+    cannot decode are decoded on the CPU (counted as decoded_on_cpu). Training loaders only."""
+    jpeg_draft: bool = True
+    """Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT-domain downscale, PIL's draft()) when that
+    still covers the output size (CPU decoding)."""
     allow_pipe: bool = False
     """Accept 'pipe:COMMAND' URLs, which run a shell command; off unless asked for."""
     caption_source: str = "txt"
@@ -134,12 +145,17 @@ class DataConfig:
     def __post_init__(self):
         if self.modality not in ("image", "audio"):
             raise ConfigError(f"data.modality must be 'image' or 'audio', got {self.modality!r}")
+        if self.decode not in ("cpu", "gpu"):
+            raise ConfigError(f"data.decode must be 'cpu' or 'gpu', got {self.decode!r}")
+        if self.modality == "audio" and self.decode == "gpu":
+            raise ConfigError("data.decode=gpu decodes JPEG images; audio is decoded on the CPU (data.decode=cpu)")
         if self.caption_source not in ("txt", "json"):
             raise ConfigError(f"data.caption_source must be 'txt' or 'json', got {self.caption_source!r}")
         for key in ("batch_size",):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"data.{key} must be positive, got {getattr(self, key)}")
-        for key in ("workers", "shuffle_buffer", "epoch_samples", "retries", "retry_max_s", "read_timeout_s"):
+        for key in ("workers", "shuffle_buffer", "epoch_samples", "retries", "retry_max_s", "read_timeout_s",
+                    "cache_max_gb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} must be >= 0, got {getattr(self, key)}")
         if self.retry_backoff < 0 or self.worker_timeout <= 0:
