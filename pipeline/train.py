@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import distributed
 from pipeline.checkpoint import CheckpointManager, check_reachable, seed_everything
 from pipeline.config import RunConfig, dump_config, load_config, to_dict
-from pipeline.data import DataConfig, build_loader, read_shard_sizes, sum_stats_across_ranks
+from pipeline.data import DataConfig, build_loader, prefetch_shard_index, sum_stats_across_ranks
 from pipeline.errors import ConfigError
 from pipeline.evaluate import evaluate, read_classes
 from pipeline.flops import model_flops_and_peak
@@ -61,14 +61,19 @@ def validate(cfg, world_size: int) -> int:
             f"({cfg.train.global_batch_size}) / (world size {world_size} x train.accum_steps "
             f"{cfg.train.accum_steps}) = {micro}; set train.global_batch_size instead"
         )
+    # the shard sizes are read on rank 0 alone and kept for its loader, which shares them with every rank
+    # (one reading per data set, not one per rank); the launcher ends the other ranks if rank 0 fails here
+    reads_data = int(distributed.launcher_environment()["RANK"]) == 0
     for key in ("train_urls", "val_urls"):
         urls = getattr(cfg.data, key)
         if not urls:
             if key == "train_urls":
                 raise ConfigError("data.train_urls is empty: set it to the training shards")
             continue
+        if not reads_data:
+            continue
         try:
-            sizes = read_shard_sizes(urls, cfg.data.storage_options)
+            sizes = prefetch_shard_index(urls, cfg.data.storage_options).sizes
         except Exception as error:  # whatever the storage says, name the setting that points there
             raise ConfigError(f"data.{key} '{urls}' cannot be read: {error}") from None
         if not sizes:
@@ -119,7 +124,7 @@ def build_loaders(cfg, dist, micro: int):
     data_cfg = dataclasses.replace(cfg.data, batch_size=micro)
     tokenizer = get_tokenizer(cfg.model)
     common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed, tokenizer=tokenizer,
-                  image_size=image_size(cfg.model))
+                  image_size=image_size(cfg.model), device=dist.device)
     loader = build_loader(data_cfg, data_cfg.train_urls, media_transform=media_transform(cfg.model, True),
                           train=True, **common)
     if not data_cfg.val_urls:
