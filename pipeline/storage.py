@@ -3,25 +3,36 @@
     fs, path = url_to_fs("s3://bucket/laion", {"endpoint_url": ...})   # local paths ignore the options
     with open_url(url, "rb", storage_options) as handle: ...
     sizes = read_json(url, storage_options)                              # None when it is not there
-    with open_shard(url, storage_options=..., cache_dir=..., read_timeout_s=120, allow_pipe=False) as stream:
+    with open_shard(url, storage_options=..., cache_dir=..., cache_max_bytes=2**40, read_timeout_s=120,
+                    allow_pipe=False) as stream:
         stream.read(...)                                                  # ShardReadTimeout when it stalls
 
 What lives here: telling local paths from remote URLs (`is_remote`), opening and listing with
 storage options, "not there" told apart from a transient failure (`is_not_found`), the bounded
-exponential backoff of retries (`RetryBudget`), the local cache of remote shards (`cached_copy`),
-and the shard stream read on a helper thread with a read timeout (`TimedStream`), so that a stalled
-read fails naming the shard instead of blocking a DataLoader worker.
+exponential backoff of retries (`RetryBudget`), the local cache of remote shards (`cached_copy`,
+with least-recently-used eviction past a size limit: `evict_cached`), and the shard stream read on a
+helper thread with a read timeout (`TimedStream`), so that a stalled read fails naming the shard
+instead of blocking a DataLoader worker.
+
+The cache is our own code rather than fsspec's `filecache::`/`simplecache::` because those have no
+size limit (only expiry by age) and keep their bookkeeping in a metadata file that each process
+rewrites from its own view, while this cache is shared by every DataLoader worker of every rank on
+a node: here the files themselves are the state. A reader holds a shared flock on its cached copy for as long as it reads
+it, and bumps its modification time (the LRU order); eviction takes a non-blocking exclusive lock and
+passes over what it cannot lock, so no process ever loses a shard it is reading.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import posixpath
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -283,10 +294,11 @@ class TimedStream:
 
 @contextlib.contextmanager
 def open_shard(url: str, *, storage_options: dict | None = None, cache_dir: str | None = None,
-               read_timeout_s: float = 0.0, allow_pipe: bool = False):
+               cache_max_bytes: int = 0, read_timeout_s: float = 0.0, allow_pipe: bool = False):
     """Binary stream of a shard on any fsspec protocol, a 'pipe:' command (when allowed), or the local
-    cache copy (in `cache_dir`) of a remote shard; with read_timeout_s > 0 a read that stalls that long
-    raises ShardReadTimeout naming the shard."""
+    cache copy (in `cache_dir`) of a remote shard; with cache_max_bytes > 0 the cache is kept to that
+    size after each download (least recently used first, never a shard being read: `evict_cached`);
+    with read_timeout_s > 0 a read that stalls that long raises ShardReadTimeout naming the shard."""
     storage_options = storage_options or {}
     timeout = read_timeout_s
     if url.startswith("pipe:"):
@@ -311,11 +323,13 @@ def open_shard(url: str, *, storage_options: dict | None = None, cache_dir: str 
         return
     if not timeout:
         if cache_dir and is_remote(url):
-            url = _drain(cached_copy(url, cache_dir, storage_options))
-        with open_url(url, "rb", storage_options) as handle:
+            opened = _drain(cached_copy(url, cache_dir, storage_options, cache_max_bytes))
+        else:
+            opened = open_url(url, "rb", storage_options)
+        with opened as handle:
             yield handle
         return
-    stream = TimedStream(url, lambda: _file_chunks(url, cache_dir, storage_options), timeout)
+    stream = TimedStream(url, lambda: _file_chunks(url, cache_dir, storage_options, cache_max_bytes), timeout)
     try:
         yield stream
     finally:
@@ -330,10 +344,13 @@ def _pipe_chunks(stdout) -> Iterator[bytes]:
         stdout.close()
 
 
-def _file_chunks(url: str, cache_dir: str | None, storage_options: dict) -> Iterator[bytes | None]:
+def _file_chunks(url: str, cache_dir: str | None, storage_options: dict,
+                 cache_max_bytes: int = 0) -> Iterator[bytes | None]:
     if cache_dir and is_remote(url):
-        url = yield from cached_copy(url, cache_dir, storage_options)
-    with open_url(url, "rb", storage_options) as handle:
+        opened = yield from cached_copy(url, cache_dir, storage_options, cache_max_bytes)
+    else:
+        opened = open_url(url, "rb", storage_options)
+    with opened as handle:  # a cached copy stays share-locked (not evictable) until this closes it
         while chunk := handle.read(READ_CHUNK):
             yield chunk
 
@@ -347,21 +364,126 @@ def _drain(steps: Iterator[None]):
             return done.value
 
 
-def cached_copy(url: str, cache_dir: str, storage_options: dict | None = None) -> Iterator[None]:
-    """Generator: downloads a remote file into `cache_dir` (unless there already), yielding None per
-    chunk as a sign of progress; returns the local path."""
-    os.makedirs(cache_dir, exist_ok=True)
+# ------------------------------------------------------------------------- cache of remote shards
+
+_CACHED_NAME = re.compile(r"[0-9a-f]{12}-.+")  # what cache_path names; other files in cache_dir are not ours
+
+
+def cache_path(url: str, cache_dir: str) -> str:
+    """Where `cached_copy` keeps the copy of `url`: its base name behind a digest of the whole URL."""
     digest = hashlib.sha1(url.encode()).hexdigest()[:12]
-    local = os.path.join(cache_dir, f"{digest}-{base_name(url)}")
-    if not os.path.exists(local):
-        partial = f"{local}.{os.getpid()}.{threading.get_ident()}.partial"
+    return os.path.join(cache_dir, f"{digest}-{base_name(url)}")
+
+
+def cached_copy(url: str, cache_dir: str, storage_options: dict | None = None,
+                max_bytes: int = 0) -> Iterator[None]:
+    """Generator: downloads a remote file into `cache_dir` (unless there already), yielding None per
+    chunk as a sign of progress; returns the local copy opened for reading, which holds a shared lock
+    (so no eviction takes it) until the caller closes it. With max_bytes > 0, a download is followed by
+    an eviction pass (`evict_cached`)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    local = cache_path(url, cache_dir)
+    handle = _open_cached(local)
+    if handle is not None:
+        return handle
+    partial = f"{local}.{os.getpid()}.{threading.get_ident()}.partial"
+    try:
+        with open_url(url, "rb", storage_options) as source, open(partial, "wb") as target:
+            while chunk := source.read(READ_CHUNK):
+                target.write(chunk)
+                yield None
+        handle = open(partial, "rb")
         try:
-            with open_url(url, "rb", storage_options) as source, open(partial, "wb") as target:
-                while chunk := source.read(READ_CHUNK):
-                    target.write(chunk)
-                    yield None
+            # locked before it has its name: an eviction pass cannot take it between the rename and the read
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            _touch(handle)
             os.replace(partial, local)  # atomic: another worker never sees half a shard
-        finally:
+        except BaseException:
+            handle.close()
+            raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+    if max_bytes > 0:
+        evict_cached(cache_dir, max_bytes)
+    return handle
+
+
+def _open_cached(local: str):
+    """The cached copy opened, share-locked and touched (its use is the LRU order); None when not there."""
+    try:
+        handle = open(local, "rb")
+    except FileNotFoundError:
+        return None
+    try:
+        # blocks only while an eviction pass holds the file, for one unlink; if that pass deleted it,
+        # this handle still reads the whole intact file (an unlinked file lives on while open)
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _touch(handle)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _touch(handle) -> None:
+    # an explicit time: the clock file systems stamp with is coarse (a few ms), too coarse for the order
+    now = time.time_ns()
+    with contextlib.suppress(OSError):  # a copy another user owns: its order just is not refreshed
+        os.utime(handle.fileno(), ns=(now, now))
+
+
+def evict_cached(cache_dir: str, max_bytes: int) -> tuple[int, int]:
+    """When the cached copies in `cache_dir` (downloads in progress, *.partial, do not count) total more
+    than `max_bytes`, deletes the least recently used first until they fit. A copy that a reader (of
+    any process) holds is passed over, as is one used since it was listed; so a shard larger than the
+    limit stays while it is read, and goes at the next pass after. Several processes may run passes
+    at once: each file is deleted by whoever locks it first. Returns (files, bytes) deleted."""
+    entries = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(cache_dir) as listing:
+        for entry in listing:
+            if not _CACHED_NAME.fullmatch(entry.name) or entry.name.endswith(".partial"):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # deleted meanwhile by another pass
+                stat = entry.stat(follow_symlinks=False)
+                if entry.is_file(follow_symlinks=False):
+                    entries.append((stat.st_mtime_ns, entry.path, stat.st_size, stat.st_ino))
+    total = sum(size for _, _, size, _ in entries)
+    if total <= max_bytes:
+        return 0, 0
+    evicted = freed = busy = 0
+    for used, path, size, inode in sorted(entries):
+        if total <= max_bytes:
+            break
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:  # another pass took it
+            total -= size
+            continue
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # being read
+                busy += 1
+                continue
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                total -= size
+                continue
+            held = os.fstat(handle.fileno())
+            if (now.st_ino, held.st_ino, held.st_mtime_ns) != (inode, inode, used):
+                busy += 1  # replaced or used since listed: no longer the least recently used
+                continue
             with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
-    return local
+                os.unlink(path)
+                evicted, freed = evicted + 1, freed + size
+            total -= size
+    if total > max_bytes:
+        log.info("cache %s: evicted %d shards (%d bytes); still %d bytes over its limit of %d (data.cache_max_gb) "
+                 "in %d shards in use, which stay until their readers close them", cache_dir, evicted, freed,
+                 total - max_bytes, max_bytes, busy)
+    else:
+        log.info("cache %s: evicted %d least recently used shards (%d bytes), passing over %d in use; %d of %d "
+                 "bytes (data.cache_max_gb) held now", cache_dir, evicted, freed, busy, total, max_bytes)
+    return evicted, freed

@@ -1,0 +1,115 @@
+"""data.mixture: every source's exact share of each epoch, without replacement, exact resume, clear errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import yaml
+
+from pipeline.data import DataConfig, build_loader
+from pipeline.errors import ConfigError
+from pipeline.mixture import MixtureSource, epoch_counts
+from tests.data_fixtures import all_keys, write_dataset
+from tests.test_data import assert_same_batches, image_transform, read_all, tokenizer
+
+SOURCES = {"big": [8, 8, 8], "even": [10, 6], "small": [5, 3]}  # 24, 16 and 8 samples
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixture")
+    for name, sizes in SOURCES.items():
+        write_dataset(root / name, sizes, prefix=name)
+    return root
+
+
+def manifest(root, entries) -> str:
+    path = root / f"mix-{abs(hash(str(entries)))}.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"urls": str(root / name), **spec} for name, spec in entries]}))
+    return str(path)
+
+
+def loader(path, **overrides):
+    settings = dict(batch_size=4, workers=2, shuffle_buffer=10, mixture=path)
+    settings.update(overrides)
+    return build_loader(DataConfig(**settings), "", rank=0, world_size=1, seed=0, media_transform=image_transform(),
+                        tokenizer=tokenizer(), image_size=16)
+
+
+def epoch_keys(batches) -> Counter:
+    return Counter(key for batch in batches for key in batch.keys)
+
+
+def by_source(keys: Counter) -> dict[str, Counter]:
+    return {name: Counter({k: n for k, n in keys.items() if k.startswith(name)}) for name in SOURCES}
+
+
+# big down-sampled to half, even taken whole, small up-sampled to 2.5 passes: 12 + 16 + 20 = 48 samples,
+# 2 streams x 6 batches of 4: no remainder, so every count is exact
+SHARES = [("big", {"samples": 12}), ("even", {"samples": 16}), ("small", {"samples": 20})]
+
+
+def test_each_source_gives_its_exact_share_of_every_epoch(sources):
+    mix = loader(manifest(sources, SHARES))
+    assert len(mix) == 12 and mix.dataset.remainder == 0
+    epochs = [by_source(epoch_keys(read_all(mix))) for _ in range(3)]
+    for parts in epochs:
+        assert sum(parts["big"].values()) == 12 and set(parts["big"].values()) == {1}
+        assert set(parts["even"]) == all_keys(SOURCES["even"], "even") and set(parts["even"].values()) == {1}
+        # 20 of 8: every sample twice, and 4 of them a third time
+        assert sum(parts["small"].values()) == 20 and set(parts["small"]) == all_keys(SOURCES["small"], "small")
+        assert sorted(Counter(parts["small"].values()).items()) == [(2, 4), (3, 4)]
+    # the down-sampled source: epochs 0 and 1 take disjoint halves, together all of it; epoch 2 starts over
+    big = [set(parts["big"]) for parts in epochs]
+    assert not big[0] & big[1] and big[0] | big[1] == all_keys(SOURCES["big"], "big")
+    assert big[2] == big[0]
+    # the up-sampled source's extra third pass moves on too
+    thirds = [{k for k, n in parts["small"].items() if n == 3} for parts in epochs]
+    assert thirds[0] != thirds[1]
+
+
+def test_weights_share_the_epoch(sources):
+    path = manifest(sources, [("big", {"weight": 1}), ("even", {"weight": 3})])
+    parts = by_source(epoch_keys(read_all(loader(path, epoch_samples=32))))
+    assert (sum(parts["big"].values()), sum(parts["even"].values())) == (8, 24)
+    assert epoch_counts([MixtureSource("a", samples=5), MixtureSource("b", weight=1), MixtureSource("c", weight=2)],
+                        [10, 10, 10], 35) == [5, 10, 20]
+    assert sum(epoch_counts([MixtureSource("a", weight=1)] * 3, [7, 7, 7], 10)) == 10  # rounding keeps the total
+
+
+def test_resume_inside_a_mixed_epoch_is_exact(sources):
+    path = manifest(sources, SHARES)
+    full = read_all(loader(path))
+    interrupted = loader(path)
+    head = read_all(interrupted, limit=5)
+    resumed = loader(path)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert_same_batches(head + read_all(resumed), full)
+    # another share is another data set: its position does not apply
+    other = loader(manifest(sources, [("big", {"samples": 16}), ("even", {"samples": 16}), ("small", {"samples": 16})]))
+    with pytest.raises(ValueError, match="data set"):
+        other.load_state_dict(interrupted.state_dict())
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("big", {"weight": 1, "samples": 3})], "exactly one of"),
+    ([("big", {})], "exactly one of"),
+    ([("big", {"weight": -1})], "weight must be a positive"),
+    ([("big", {"samples": 2.5})], "samples must be a positive whole"),
+    ([("big", {"sample": 3})], "unknown keys"),
+])
+def test_bad_manifests_name_the_file_and_source(sources, entries, message):
+    path = manifest(sources, entries)
+    with pytest.raises(ConfigError, match=message) as error:
+        loader(path)
+    assert path in str(error.value) and "source 0" in str(error.value)
+
+
+def test_mixture_excludes_train_urls_and_resampling(sources):
+    with pytest.raises(ConfigError, match="data.mixture"):
+        DataConfig(mixture="mix.yaml", train_urls=str(sources / "big"))
+    with pytest.raises(ConfigError, match="data.mixture"):
+        DataConfig(mixture="mix.yaml", resampled=True)
+    with pytest.raises(ConfigError, match="not found"):
+        loader(str(sources / "absent.yaml"))
