@@ -66,7 +66,6 @@ import io
 import json
 import logging
 import math
-import posixpath
 import random
 import tarfile
 import time
@@ -75,12 +74,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import braceexpand
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import shardformat, storage
+from pipeline import imagedecode, mixture, shardformat, storage
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -93,6 +91,9 @@ class DataConfig:
     (s3://bucket/laion/{00000..41455}.tar), or several sources joined with '::'."""
     val_urls: str = ""
     """Validation shards, same forms as train_urls; empty for none."""
+    mixture: str = ""
+    """A mixture manifest (YAML, local or remote): sources with their share of every epoch, taken without
+    replacement (pipeline.mixture); instead of train_urls, epoch mode only."""
     weights: list[float] = field(default_factory=list)
     """Sampling weight per '::' source (resampled mode); empty means equal weights."""
     modality: str = "image"
@@ -106,7 +107,7 @@ class DataConfig:
     resampled: bool = False
     """Draw shards with replacement (sources mixed by weights) instead of one pass over every shard."""
     epoch_samples: int = 0
-    """Resampled mode: samples per epoch over all ranks; 0 means the total size of the sources."""
+    """Resampled mode and data.mixture: samples per epoch over all ranks; 0 means the total size of the sources."""
     cache_dir: str | None = None
     """Local directory keeping a copy of every remote shard read; None reads remote shards directly."""
     cache_max_gb: float = 0.0
@@ -162,6 +163,9 @@ class DataConfig:
             raise ConfigError("data.retry_backoff must be >= 0 and data.worker_timeout positive")
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ConfigError(f"data.weights must be non-negative with a positive sum, got {self.weights}")
+        if self.mixture and (self.train_urls or self.resampled or self.weights):
+            raise ConfigError("data.mixture lists the training sources and their shares: leave data.train_urls and "
+                              "data.weights empty, and data.resampled false (a mixture is taken without replacement)")
         if self.weights and self.train_urls:
             sources = len(self.train_urls.split("::"))
             if len(self.weights) != sources:
@@ -192,148 +196,17 @@ class Batch(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------- URLs
-
-
-def _source_list(urls: str | list[str]) -> list[str]:
-    if isinstance(urls, str):
-        return [part.strip() for part in urls.split("::") if part.strip()]
-    return list(urls)
-
-
-def expand_source(source: str, storage_options: dict | None = None) -> list[str]:
-    """One source -> its shard URLs: brace expansion, or the sorted *.tar of a directory/prefix."""
-    if source.startswith("pipe:") or source.endswith(".tar") or "{" in source:
-        return list(braceexpand.braceexpand(source))
-    paths = storage.list_tars(source, storage_options)
-    if not paths:
-        raise FileNotFoundError(f"no .tar shards found at '{source}'")
-    return paths
-
-
-def expand_urls(urls: str | list[str], storage_options: dict | None = None) -> list[list[str]]:
-    """'a::b' -> [[shards of a], [shards of b]]."""
-    sources = [expand_source(source, storage_options) for source in _source_list(urls)]
-    if not sources:
-        raise ConfigError(f"no shard URLs given (got {urls!r})")
-    return sources
-
-
-# ----------------------------------------------------------------------------------- shard sizes
-
-# samples counted in tars without a listed size, by (URL, signature of the file): the trainer's checks
-# and the loader's plan both ask for the sizes, and a tar is read once for them, not once per asking
-_counted: dict[tuple[str, tuple], int] = {}
-
-
-def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None) -> dict[str, int]:
-    """Sample count of every shard: from the directory's sizes.json (open_clip's form), else the shard's
-    img2dataset-style *_stats.json ('successes'), else by counting the samples in the tar (which reads
-    it once per process: the count is kept while the file is unchanged; a 'pipe:' URL runs its command
-    for that, every time). A counted tar that is damaged counts the samples before the damage, and one
-    that is not there counts 0, each with a warning naming it."""
-    storage_options = storage_options or {}
-    shard_urls = [url for source in expand_urls(urls, storage_options) for url in source]
-    sizes: dict[str, int] = {}
-    sizes_files: dict[str, dict | None] = {}
-    uncounted = []
-    for url in shard_urls:
-        if url.startswith("pipe:"):
-            uncounted.append(url)
-            continue
-        directory = posixpath.dirname(url)
-        if directory not in sizes_files:
-            sizes_files[directory] = shardformat.read_sizes(directory, storage_options)
-        listed = sizes_files[directory] or {}
-        if storage.base_name(url) in listed:
-            sizes[url] = int(listed[storage.base_name(url)])
-            continue
-        stats = shardformat.read_stats(url, storage_options)
-        if stats is not None:
-            sizes[url] = int(stats["successes"])
-        else:
-            uncounted.append(url)
-    if uncounted:
-        from tqdm import tqdm
-
-        cfg = DataConfig(allow_pipe=True, storage_options=storage_options)
-        not_found = []
-        for url in tqdm(uncounted, desc="counting samples in shards without sizes.json", unit="shard"):
-            signature = storage.signature(url, storage_options)
-            if signature is not None and (url, signature) in _counted:
-                sizes[url] = _counted[(url, signature)]
-                continue
-            sizes[url] = _count_samples(url, cfg, not_found)
-            if signature is not None and url not in not_found:
-                _counted[(url, signature)] = sizes[url]
-        if len(not_found) == len(shard_urls):
-            raise FileNotFoundError(f"none of the {len(shard_urls)} shards of '{urls}' exists (first: {not_found[0]})")
-    return {url: sizes[url] for url in shard_urls}
-
-
-def _count_samples(url: str, cfg: DataConfig, not_found: list[str]) -> int:
-    """Samples of a tar without listed size; reading tolerates damage (the samples before it count)."""
-    count = 0
-    try:
-        with open_shard(url, cfg) as stream:
-            # every member read (not skipped): tarfile notices a member cut short only when reading it
-            for _ in shardformat.iter_samples(stream):
-                count += 1
-    except (tarfile.TarError, EOFError) as error:
-        log.warning("shard %s is damaged after %d complete samples (%s): counted as %d samples", url, count,
-                    error, count)
-    except FileNotFoundError as error:
-        if not storage.is_not_found(error):
-            raise
-        not_found.append(url)
-        log.warning("shard %s not found (%s): left out", url, error)
-        return 0
-    return count
-
-
-def missing_listed_shards(urls: str | list[str], storage_options: dict | None = None,
-                          sizes: dict[str, int] | None = None) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Shards listed in a sizes.json but absent, found by one listing per directory (local, or remote
-    where listing is cheap: object stores, not http; a listing that fails checks nothing):
-
-    (left_out, absent): `left_out`, (url, listed size) of shards in the sizes.json of a data set
-    directory given as a source but not in the directory, so not part of the data set; `absent`,
-    (url, size) of URLs of the given list (brace form) whose shard is not there."""
-    storage_options = storage_options or {}
-    left_out: list[tuple[str, int]] = []
-    absent: list[tuple[str, int]] = []
-    listings: dict[str, set[str] | None] = {}
-
-    def names_in(directory: str) -> set[str] | None:
-        if directory not in listings:
-            listings[directory] = storage.list_names(directory, storage_options)
-        return listings[directory]
-
-    for source in _source_list(urls):
-        if source.startswith("pipe:"):
-            continue
-        if source.endswith(".tar") or "{" in source:  # a URL list: check those the listing lacks
-            for url in braceexpand.braceexpand(source):
-                present = names_in(posixpath.dirname(url))
-                if present is not None and storage.base_name(url) not in present:
-                    absent.append((url, (sizes or {}).get(url, 0)))
-            continue
-        listed = shardformat.read_sizes(source, storage_options) or {}
-        present = names_in(source.rstrip("/"))
-        if present is None:
-            continue
-        left_out += [(posixpath.join(source.rstrip("/"), name), int(size)) for name, size in sorted(listed.items())
-                     if name not in present]
-    return left_out, absent
-
-
-def _warn_missing(left_out: list[tuple[str, int]], absent: list[tuple[str, int]]) -> None:
-    for shards, what in ((left_out, "are not in their directory: left out of the data set"),
-                         (absent, "are not there: their samples are skipped every epoch (slots marked invalid)")):
-        if shards:
-            names = ", ".join(url for url, _ in shards[:10]) + (f" and {len(shards) - 10} more" if len(shards) > 10 else "")
-            log.warning("%d shards listed in sizes.json holding %d samples %s: %s", len(shards),
-                        sum(size for _, size in shards), what, names)
-
+# shard URLs and sizes: pipeline.shardindex (read once on rank 0, in parallel, and shared with every rank);
+# the names stay importable from here
+from pipeline.shardindex import (  # noqa: E402, F401
+    _warn_missing,
+    expand_source,
+    expand_urls,
+    missing_listed_shards,
+    prefetch_shard_index,
+    read_shard_sizes,
+    shard_index,
+)
 
 # --------------------------------------------------------------------------------- shard reading
 
@@ -341,7 +214,8 @@ def _warn_missing(left_out: list[tuple[str, int]], absent: list[tuple[str, int]]
 def open_shard(url: str, cfg: DataConfig):
     """storage.open_shard with the loader's settings (storage options, cache, read timeout, pipes)."""
     return storage.open_shard(url, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
-                              read_timeout_s=cfg.read_timeout_s, allow_pipe=cfg.allow_pipe)
+                              cache_max_bytes=int(cfg.cache_max_gb * 2**30), read_timeout_s=cfg.read_timeout_s,
+                              allow_pipe=cfg.allow_pipe)
 
 
 @dataclass(frozen=True)
@@ -465,17 +339,21 @@ class _StreamReader:
 # ---------------------------------------------------------------------------------- stream plans
 
 
-def shuffle_order(length: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+def shuffle_order(length: int, buffer_size: int, rng: np.random.Generator, first: int | None = None) -> np.ndarray:
     """Emission order of items 0..length-1 read in order through a shuffle buffer of `buffer_size`:
     once full, each incoming item replaces a uniformly chosen one, which is emitted; the rest is
-    emitted in random order at the end. Cheap enough to replay a whole stream on resume."""
+    emitted in random order at the end. Cheap enough to replay a whole stream on resume. With `first`,
+    only the first `first` items of that order (the same ones), simulated no further than needed."""
+    first = length if first is None else min(first, length)
     if buffer_size <= 1 or length <= 1:
-        return np.arange(length, dtype=np.int64)
+        return np.arange(first, dtype=np.int64)
     order = np.empty(length, dtype=np.int64)
     picks = rng.random(length)
     buffer: list[int] = []
     emitted = 0
     for item in range(length):
+        if emitted >= first:
+            return order[:first]
         if len(buffer) < buffer_size:
             buffer.append(item)
             continue
@@ -484,22 +362,30 @@ def shuffle_order(length: int, buffer_size: int, rng: np.random.Generator) -> np
         buffer[slot] = item
         emitted += 1
     order[emitted:] = rng.permutation(np.asarray(buffer, dtype=np.int64))
-    return order
+    return order[:first]
 
 
-def _segments_of_range(shards: list[tuple[str, int]], start: int, end: int) -> list[Segment]:
-    """Samples [start, end) of the shards laid end to end in a circle: positions past the last sample
-    go on at the first shard again (end - start must not exceed the total)."""
-    total = sum(size for _, size in shards)
+def _whole(shards: list[tuple[str, int]]) -> list[tuple[str, int, int, int]]:
+    """(url, size) shards as pieces (url, first, end, shard size) covering each shard."""
+    return [(url, 0, size, size) for url, size in shards]
+
+
+def _segments_of_range(pieces: list[tuple[str, int, int, int]], start: int, end: int) -> list[Segment]:
+    """Samples [start, end) of the pieces (url, first, end, shard size: samples [first, end) of a shard) laid
+    end to end in a circle: positions past the last sample go on at the first piece again (end - start must
+    not exceed the total)."""
+    total = sum(stop - first for _, first, stop, _ in pieces)
     segments, offset = [], 0
     while start < end:  # at most twice: the range before the wrap and the range after it
         lap = start // total * total
         lap_end = min(end, lap + total)
         position = lap
-        for url, size in shards:
+        for url, first, stop, shard_size in pieces:
+            size = stop - first
             lo, hi = max(start, position), min(lap_end, position + size)
             if lo < hi:
-                segments.append(Segment(url, lo - position, hi - position, offset + lo - start, size))
+                segments.append(Segment(url, first + lo - position, first + hi - position, offset + lo - start,
+                                        shard_size))
             position += size
             if position >= lap_end:
                 break
@@ -512,9 +398,34 @@ def _segments_of_range(shards: list[tuple[str, int]], start: int, end: int) -> l
 class StreamPlan:
     segments: list[Segment]
     order: np.ndarray
-    """Stream indices in emission order (a permutation of range(length))."""
+    """Stream indices in emission order: a permutation of range(span), or after an elastic resume of part of it
+    (the indices the segments cover but the stream does not read were consumed before the resume)."""
     batches: int
     """Batches this stream yields."""
+
+    @property
+    def span(self) -> int:
+        """Stream indices the segments cover."""
+        return sum(segment.end - segment.first for segment in self.segments)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch was cut: world size, workers per rank, samples per batch (and the shuffle buffer)."""
+
+    world_size: int
+    workers: int
+    batch_size: int
+    shuffle_buffer: int
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * max(self.workers, 1)
+
+    def consumed_batches(self, local_stream: int, batches_consumed: int) -> int:
+        """Batches stream `local_stream` of a rank had yielded when the rank had consumed `batches_consumed`."""
+        workers = max(self.workers, 1)
+        return batches_consumed // workers + (1 if local_stream < batches_consumed % workers else 0)
 
 
 # ------------------------------------------------------------------------------------- the dataset
@@ -557,7 +468,7 @@ class StreamingDataset(IterableDataset):
 
     def __init__(self, cfg: DataConfig, sources: list[list[tuple[str, int]]], *, rank: int, world_size: int,
                  seed: int, media_transform, tokenizer, train: bool, image_size: int | None, weights: list[float],
-                 missing: frozenset[str] = frozenset()):
+                 missing: frozenset[str] = frozenset(), mixture_counts: list[int] | None = None):
         sources = [[shard for shard in source if shard[1] > 0] for source in sources]  # empty shards hold nothing
         if cfg.resampled and any(weight > 0 and not source for weight, source in zip(weights, sources)):
             raise ValueError("a data source with a positive weight holds no samples; drop it or give it weight 0")
@@ -565,14 +476,24 @@ class StreamingDataset(IterableDataset):
         self.seed, self.media_transform, self.tokenizer = seed, media_transform, tokenizer
         self.train, self.image_size, self.weights = train, image_size, weights
         self.missing = missing  # shard URLs found absent at start: never opened
+        # data.decode=gpu: workers hand over JPEG bytes and crops, the training process decodes (imagedecode)
+        self.device_crop = (imagedecode.DeviceCrop(media_transform)
+                            if cfg.decode == "gpu" and train and cfg.modality == "image" else None)
         self.workers = max(cfg.workers, 1)
         self.streams = world_size * self.workers
         self.shards = [shard for source in sources for shard in source]
         self.total = sum(size for _, size in self.shards)
+        # data.mixture: samples of each source in every epoch (pipeline.mixture); the epoch holds their sum
+        self.mixture_counts = mixture_counts if train else None
+        self.epoch_total = sum(mixture_counts) if self.mixture_counts else self.total
+        # elastic resume: (epoch, [(layout, batches consumed), ...]): the layouts that read part of `epoch`
+        # before this one, oldest first; the rest of that epoch is laid out over this layout's streams
+        self.elastic: tuple[int, list[tuple[Layout, int]]] | None = None
+        self._elastic_slices: dict[int, tuple[int, list[np.ndarray], int]] = {}
         # (epoch, first batch to yield): written by the loader before each pass, read by the workers
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
         if train:
-            samples = (cfg.epoch_samples or self.total) if cfg.resampled else self.total
+            samples = (cfg.epoch_samples or self.total) if cfg.resampled else self.epoch_total
             self.stream_batches = samples // (self.streams * cfg.batch_size)
             if self.stream_batches == 0:
                 raise ValueError(
@@ -581,7 +502,7 @@ class StreamingDataset(IterableDataset):
                     f"{self.streams * cfg.batch_size} needed; lower data.batch_size or data.workers"
                 )
             # samples not read in an epoch (one pass over the shards): the end of the laid-out circle
-            self.remainder = 0 if cfg.resampled else self.total - self.streams * self.stream_batches * cfg.batch_size
+            self.remainder = 0 if cfg.resampled else self.epoch_total - self.streams * self.stream_batches * cfg.batch_size
         else:
             self.remainder = 0
             if self.total < self.streams:
@@ -590,11 +511,91 @@ class StreamingDataset(IterableDataset):
             self.stream_batches = math.ceil(math.ceil(self.total / self.streams) / cfg.batch_size)
 
     # --- plans
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, self.workers, self.cfg.batch_size, self.cfg.shuffle_buffer)
+
+    def _is_elastic(self, epoch: int) -> bool:
+        return self.train and self.elastic is not None and self.elastic[0] == epoch
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches each stream yields in `epoch` (fewer in an epoch resumed on another layout)."""
+        if self._is_elastic(epoch):
+            return len(self._slices(epoch)[1][0]) // self.cfg.batch_size
+        return self.stream_batches
+
+    def remainder_of(self, epoch: int) -> int:
+        """Samples of `epoch` no stream reads (in an elastic epoch: of the part left at the resume)."""
+        return self._slices(epoch)[2] if self._is_elastic(epoch) else self.remainder
+
+    def _pieces(self, epoch: int) -> list[tuple[str, int, int, int]]:
+        """The epoch's shard pieces in their (seed, epoch) order, end to end."""
+        if self.mixture_counts:  # each source's share of this epoch (pipeline.mixture)
+            return mixture.epoch_pieces(self.sources, self.mixture_counts, self.seed, epoch)
+        permutation = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
+        return _whole([self.shards[i] for i in permutation])
+
+    def _cut(self, epoch: int, layout: Layout) -> tuple[int, int]:
+        """(first position in the circle, samples per stream) of `epoch` laid out over `layout`'s streams."""
+        length = self.epoch_total // (layout.streams * layout.batch_size) * layout.batch_size
+        # the dropped remainder moves on by its own length every epoch (module docstring, step 2)
+        return epoch * (self.epoch_total - layout.streams * length) % self.epoch_total, length
+
+    def _layer_order(self, epoch: int, layer: int, stream: int, layout: Layout, length: int,
+                     first: int | None = None) -> np.ndarray:
+        """Emission order (positions in the stream) of `stream` of layer `layer` of an epoch: layer 0 is the
+        epoch's own layout (the order every plan uses), later layers are elastic resumes."""
+        key = [self.seed, epoch, stream, 2] if layer == 0 else [self.seed, epoch, stream, 5, layer]
+        return shuffle_order(length, layout.shuffle_buffer, np.random.default_rng(key), first)
+
+    def _slices(self, epoch: int) -> tuple[int, list[np.ndarray], int]:
+        """Elastic epoch: (circle start, the positions each of this layout's streams reads, samples left
+        unread). Positions count from the circle start of the epoch's first layout. The samples each earlier
+        layout consumed are replayed from its plans (their shuffle orders, no further than consumed); what is
+        left, in circle order, is cut into this layout's streams like a data set of its own. Holds one int64 per
+        sample of the epoch while it computes (8 bytes x epoch size, once per process)."""
+        if epoch in self._elastic_slices:
+            return self._elastic_slices[epoch]
+        chain = self.elastic[1]
+        start, length = self._cut(epoch, chain[0][0])
+        remaining = np.arange(chain[0][0].streams * length, dtype=np.int64)
+        layers = [layout for layout, _ in chain] + [self.layout]
+        for layer, layout in enumerate(layers):
+            if layer == 0:
+                slices = [remaining[s * length:(s + 1) * length] for s in range(layout.streams)]
+            else:
+                per = len(remaining) // (layout.streams * layout.batch_size) * layout.batch_size
+                slices = [remaining[s * per:(s + 1) * per] for s in range(layout.streams)]
+            if layer == len(chain):
+                left = len(remaining) - sum(len(piece) for piece in slices)
+                self._elastic_slices[epoch] = (start, slices, left)
+                return self._elastic_slices[epoch]
+            consumed = []
+            for stream, positions in enumerate(slices):
+                take = layout.consumed_batches(stream % max(layout.workers, 1), chain[layer][1]) * layout.batch_size
+                if take:
+                    consumed.append(positions[self._layer_order(epoch, layer, stream, layout, len(positions), take)])
+            if consumed:
+                remaining = np.setdiff1d(remaining, np.concatenate(consumed), assume_unique=True)
+        raise AssertionError("unreachable")
+
+    def _elastic_plan(self, epoch: int, stream: int) -> StreamPlan:
+        start, slices, _ = self._slices(epoch)
+        positions = slices[stream]
+        if not len(positions):
+            return StreamPlan([], np.zeros(0, dtype=np.int64), 0)
+        low = int(positions[0])
+        segments = _segments_of_range(self._pieces(epoch), start + low, start + int(positions[-1]) + 1)
+        order = self._layer_order(epoch, len(self.elastic[1]), stream, self.layout, len(positions))
+        return StreamPlan(segments, (positions - low)[order], len(positions) // self.cfg.batch_size)
+
     def plan(self, epoch: int, stream: int) -> StreamPlan:
         batch = self.cfg.batch_size
+        if self._is_elastic(epoch):
+            return self._elastic_plan(epoch, stream)
         if not self.train:
             start, end = stream * self.total // self.streams, (stream + 1) * self.total // self.streams
-            segments = _segments_of_range(self.shards, start, end)
+            segments = _segments_of_range(_whole(self.shards), start, end)
             return StreamPlan(segments, np.arange(end - start, dtype=np.int64), self.stream_batches)
         length = self.stream_batches * batch
         if self.cfg.resampled:
@@ -610,13 +611,10 @@ class StreamingDataset(IterableDataset):
                     segments.append(Segment(url, 0, take, filled, size))
                     filled += take
         else:
-            permutation = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
-            shards = [self.shards[i] for i in permutation]
-            # the dropped remainder moves on by its own length every epoch (module docstring, step 2)
-            start = epoch * self.remainder % self.total + stream * length
-            segments = _segments_of_range(shards, start, start + length)
-        order = shuffle_order(length, self.cfg.shuffle_buffer, np.random.default_rng([self.seed, epoch, stream, 2]))
-        return StreamPlan(segments, order, self.stream_batches)
+            start, _ = self._cut(epoch, self.layout)
+            start += stream * length
+            segments = _segments_of_range(self._pieces(epoch), start, start + length)
+        return StreamPlan(segments, self._layer_order(epoch, 0, stream, self.layout, length), self.stream_batches)
 
     # --- decoding
     def _sample_seed(self, epoch: int, stream: int, index: int) -> int:
@@ -673,8 +671,14 @@ class StreamingDataset(IterableDataset):
             return self.media_transform(waveform, rate, generator)
         from PIL import Image
 
+        if self.device_crop is not None:
+            header = imagedecode.probe_jpeg(data)  # only the header: no pixel decoded here
+            if header is not None:
+                with torch.random.fork_rng(devices=[]):  # the draws the CPU path's RandomResizedCrop makes
+                    torch.default_generator.manual_seed(sample_seed)
+                    return imagedecode.EncodedJpeg(data, self.device_crop.box(header))
         image = Image.open(io.BytesIO(data))
-        if self.image_size and image.format == "JPEG":
+        if self.image_size and image.format == "JPEG" and self.cfg.jpeg_draft:
             # decode at 1/2, 1/4 or 1/8 scale when that still covers the target size
             image.draft("RGB", (self.image_size, self.image_size))
         if image.mode != "RGB":  # convert() copies even an RGB image: a full-size copy per sample saved
@@ -688,7 +692,10 @@ class StreamingDataset(IterableDataset):
             return self.media_transform(image)
 
     def _collate(self, samples: list[tuple], keys: list[str]) -> Batch:
-        media = _stack([sample[0] for sample in samples])
+        if self.device_crop is not None:
+            media = imagedecode.collate([sample[0] for sample in samples], self.device_crop.size)
+        else:
+            media = _stack([sample[0] for sample in samples])
         tokens = self.tokenizer([sample[1] for sample in samples])
         labels = torch.tensor([sample[2] for sample in samples], dtype=torch.long)
         return Batch(media, tokens, keys, labels, torch.tensor([key != "" for key in keys], dtype=torch.bool))
@@ -704,11 +711,16 @@ class StreamingDataset(IterableDataset):
         done = start_batch // self.workers + (1 if local_stream < start_batch % self.workers else 0)
         stream = self.rank * self.workers + local_stream
         yield from self.stream_batches_from(epoch, stream, done)
+        while self.train:
+            # a training stream goes on into the next epoch: the DataLoader keeps prefetching across the
+            # boundary, so the first step of an epoch waits no longer than any other (StreamingLoader)
+            epoch += 1
+            yield from self.stream_batches_from(epoch, stream, 0)
 
     def stream_batches_from(self, epoch: int, stream: int, done: int) -> Iterator[tuple[Batch, dict]]:
         plan = self.plan(epoch, stream)
         batch_size = self.cfg.batch_size
-        length = len(plan.order)
+        length = plan.span
         counts: Counter = Counter()
         note = _RateLimitedLog()
 
@@ -736,6 +748,8 @@ class StreamingDataset(IterableDataset):
                     continue
                 good.append(sample)
                 keys.append(entry.key)
+                if self.device_crop is not None and isinstance(sample[0], torch.Tensor):
+                    counts["decoded_on_cpu"] += 1  # not a JPEG the device decodes: the worker did
             counts["samples_read"] += len(good)
             real = list(zip(good, keys))
             padding = holes if self.train else batch_size - len(good)
@@ -769,7 +783,7 @@ class StreamingDataset(IterableDataset):
             candidates += [(other, other_plan, b) for b in range(other_plan.batches)]
         for source_stream, source_plan, candidate in candidates:
             targets = source_plan.order[candidate * batch_size : (candidate + 1) * batch_size]
-            needed = np.zeros(len(source_plan.order), dtype=bool)
+            needed = np.zeros(source_plan.span, dtype=bool)
             needed[targets] = True
             found = []
             for entry in reader.read(source_plan.segments, needed):
@@ -821,6 +835,7 @@ STAT_KEYS = (
     "shards_short",  # shard reads that met a tar with fewer samples than listed
     "shard_retries",  # retries of failed shard reads
     "shard_timeouts",  # shard reads that delivered nothing for data.read_timeout_s
+    "decoded_on_cpu",  # data.decode=gpu: images the device did not decode (not JPEG, CMYK, rejected by nvJPEG)
 )
 """Every counter of `StreamingLoader.stats`. A shard that several streams read, or that is read again
 in later epochs, counts in shards_* each time it is read; samples count once per epoch they are lost in."""
@@ -849,12 +864,23 @@ class StreamingLoader:
     one of STAT_KEYS (0 until it happens); `sum_stats_across_ranks(loader.stats)` adds up all ranks'.
     """
 
-    def __init__(self, dataset: StreamingDataset, cfg: DataConfig, fingerprint: str):
+    def __init__(self, dataset: StreamingDataset, cfg: DataConfig, fingerprint: str,
+                 device: torch.device | str | None = None):
         self.dataset, self.cfg, self.fingerprint = dataset, cfg, fingerprint
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.epoch, self.batches_consumed = 0, 0
+        # the DataLoader iterator in use and the position (epoch, batch) it yields next: a training stream
+        # runs on into the next epoch (StreamingDataset.__iter__), so the next epoch continues it
+        self._live: Iterator | None = None
+        self._live_next: tuple[int, int] | None = None
         self.stats: dict[str, int] = Counter(dict.fromkeys(STAT_KEYS, 0))
-        self._loader = DataLoader(
-            dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+        self._loader = self._data_loader()
+
+    def _data_loader(self) -> DataLoader:
+        """A DataLoader over the dataset as it is now (its workers get a copy of it when they start)."""
+        cfg = self.cfg
+        return DataLoader(
+            self.dataset, batch_size=None, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init if cfg.workers else None,
             timeout=cfg.worker_timeout if cfg.workers else 0,
             # its own generator: otherwise every new iterator draws from the global torch RNG, and a resumed
@@ -863,7 +889,8 @@ class StreamingLoader:
         )
 
     def __len__(self) -> int:
-        return self.dataset.stream_batches * self.dataset.workers
+        """Batches of the current epoch on this rank (the same every epoch, except one resumed elastically)."""
+        return self.dataset.batches_in(self.epoch) * self.dataset.workers
 
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` from its beginning, unless it is the epoch the loader is already in (resume)."""
@@ -874,10 +901,12 @@ class StreamingLoader:
         total = len(self)
         if self.batches_consumed < total:
             if self.batches_consumed == 0 and self.dataset.rank == 0:  # counted once over the ranks
-                self.stats["samples_remainder"] += self.dataset.remainder
-            self.dataset.position[0] = self.epoch
-            self.dataset.position[1] = self.batches_consumed
-            batches = iter(self._loader)
+                self.stats["samples_remainder"] += self.dataset.remainder_of(self.epoch)
+            if self._live is None or self._live_next != (self.epoch, self.batches_consumed):
+                self.dataset.position[0] = self.epoch  # read by the workers when the iterator (re)starts
+                self.dataset.position[1] = self.batches_consumed
+                self._live = iter(self._loader)
+            batches = self._live
             while True:
                 try:
                     batch, delta = next(batches)
@@ -889,12 +918,38 @@ class StreamingLoader:
                     raise RuntimeError(f"{error}: {self._waited_on()}; raise data.worker_timeout if the "
                                        "storage is only slow") from error
                 self.stats.update(delta)
+                if isinstance(batch.media, imagedecode.EncodedImages):
+                    batch = self._decode_on_device(batch)
                 self.batches_consumed += 1  # before yielding: a state taken now counts this batch
+                self._live_next = (self.epoch, self.batches_consumed)
                 yield batch
                 if self.batches_consumed >= total:
                     break
         self.epoch, self.batches_consumed = self.epoch + 1, 0
+        if self.dataset.train:
+            self._live_next = (self.epoch, 0)
+        else:  # an eval stream ends with its range: the next pass starts a new iterator
+            self._live = self._live_next = None
 
+    def _decode_on_device(self, batch: Batch) -> Batch:
+        """data.decode=gpu: the batch's JPEGs decoded, cropped and resized on `self.device`. A row no
+        decoder reads loses its sample like a corrupt one in a worker: marked invalid, counted, filled."""
+        media, failed, on_cpu = imagedecode.decode(batch.media, self.dataset.device_crop, self.device)
+        self.stats["decoded_on_cpu"] += on_cpu
+        if not failed:
+            return batch._replace(media=media)
+        keys, labels, valid = list(batch.keys), batch.labels.clone(), batch.valid.clone()
+        for row in failed:
+            log.warning("skipped sample %s: corrupt_media (no decoder reads its JPEG)", keys[row])
+            keys[row], labels[row], valid[row] = "", -1, False
+        good = valid.nonzero().flatten().tolist()
+        for index, row in enumerate(failed):
+            if good:  # a real sample's pixels (fixed shapes); the slot is marked invalid
+                media[row] = media[good[index % len(good)]]
+        self.stats["skipped_corrupt_media"] += len(failed)
+        self.stats["samples_read"] -= len(failed)
+        self.stats["samples_filled"] += len(failed)
+        return Batch(media, batch.tokens, keys, labels, valid)
     def _waited_on(self) -> str:
         """Which shards the batch that did not come was to be read from (for the DataLoader's timeout)."""
         dataset, batch = self.dataset, self.batches_consumed
@@ -907,38 +962,75 @@ class StreamingLoader:
         return f"epoch {self.epoch} batch {batch} (stream {stream}) was to be read from {', '.join(urls)}"
 
     def state_dict(self) -> dict[str, Any]:
+        dataset = self.dataset
+        elastic = dataset.elastic[1] if dataset._is_elastic(self.epoch) else []
         return {
-            "epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.dataset.seed,
-            "world_size": self.dataset.world_size, "workers": self.dataset.workers,
-            "batch_size": self.cfg.batch_size, "resampled": self.cfg.resampled,
-            "weights": list(self.dataset.weights), "dataset": self.fingerprint,
+            "epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": dataset.seed,
+            "world_size": dataset.world_size, "workers": dataset.workers,
+            "batch_size": self.cfg.batch_size, "shuffle_buffer": self.cfg.shuffle_buffer,
+            "resampled": self.cfg.resampled, "weights": list(dataset.weights), "dataset": self.fingerprint,
+            # the layouts that read part of this epoch before this one (an elastic resume), oldest first
+            "elastic": [[*dataclasses.astuple(layout), consumed] for layout, consumed in elastic],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position. With the same layout (world size, workers, batch size) the batches
+        are exactly those of the uninterrupted run. With another layout (an elastic resume) the samples the saved
+        run consumed in its epoch are replayed from its plan, and the rest of that epoch is laid out over this
+        layout's streams: no sample of the epoch is read twice and none is skipped except the new remainder
+        (fewer than one batch per stream, counted in samples_remainder); the next epochs are this layout's."""
         mine = self.state_dict()
-        for key in ("world_size", "workers", "batch_size", "seed", "resampled", "weights", "dataset"):
+        for key in ("seed", "resampled", "weights", "dataset"):
             if state.get(key) != mine[key]:
                 what = "data set (shard names and sizes)" if key == "dataset" else key
                 raise ValueError(
                     f"cannot resume the data position: the saved loader state has {what} {state.get(key)!r}, "
-                    f"this loader has {mine[key]!r}; exact resume needs the same world size, workers, batch "
-                    "size, seed, mode and data set (or start the data at a new epoch)"
+                    f"this loader has {mine[key]!r}; resuming needs the same seed, mode and data set (or start "
+                    "the data at a new epoch)"
                 )
-        if not 0 <= state["batches_consumed"] <= len(self):
-            raise ValueError(f"saved batches_consumed {state['batches_consumed']} is outside 0..{len(self)}")
-        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        saved = Layout(int(state["world_size"]), int(state["workers"]), int(state["batch_size"]),
+                       int(state.get("shuffle_buffer", self.cfg.shuffle_buffer)))
+        chain = [(Layout(*(int(v) for v in layer[:4])), int(layer[4])) for layer in state.get("elastic", [])]
+        if saved != self.dataset.layout:
+            if self.cfg.resampled or not self.dataset.train:
+                # drawn with replacement: nothing to replay; the next epoch starts on this layout
+                log.warning("data position saved with %s, resumed with %s: resampled mode starts epoch %d afresh",
+                            saved, self.dataset.layout, epoch + (consumed > 0))
+                epoch, consumed, chain = epoch + (consumed > 0), 0, []
+            elif consumed or chain:
+                chain = [*chain, (saved, consumed)]
+                consumed = 0
+        self.dataset.elastic = (epoch, chain) if chain else None
+        self.dataset._elastic_slices.clear()
+        self._loader, self._live, self._live_next = self._data_loader(), None, None  # workers see the new plan
+        self.epoch = epoch
+        if not 0 <= consumed <= len(self):
+            raise ValueError(f"saved batches_consumed {consumed} is outside 0..{len(self)}")
+        self.batches_consumed = consumed
+        if chain and self.dataset.rank == 0:
+            log.info("elastic resume of epoch %d: %s; this layout reads the rest in %d batches per rank (%d "
+                     "samples left over)", epoch, ", then ".join(f"{layout} consumed {n} batches per rank"
+                                                                 for layout, n in chain),
+                     len(self), self.dataset.remainder_of(epoch))
 
 
 def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed: int, media_transform,
-                 tokenizer, train: bool = True, image_size: int | None = None) -> StreamingLoader:
-    """A loader over `urls` for this rank; `media_transform` and `tokenizer` come from the model side."""
+                 tokenizer, train: bool = True, image_size: int | None = None,
+                 device: torch.device | str | None = None) -> StreamingLoader:
+    """A loader over `urls` for this rank; `media_transform` and `tokenizer` come from the model side.
+    `device`: where data.decode=gpu decodes (default CUDA when present, else the CPU). With data.mixture set, a
+    training loader reads the manifest's sources (`urls` is not used)."""
+    manifest = mixture.read_manifest(cfg.mixture, cfg.storage_options) if cfg.mixture and train else None
+    if manifest:
+        urls = "::".join(source.urls for source in manifest)
     if not urls:
         raise ConfigError("no shard URLs given (data.train_urls / data.val_urls is empty)")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    shard_urls = expand_urls(urls, cfg.storage_options)
-    sizes = read_shard_sizes(urls, cfg.storage_options)
-    left_out, absent = missing_listed_shards(urls, cfg.storage_options, sizes)
+    # read on rank 0 and broadcast: every rank calls build_loader at the same point (a collective)
+    index = shard_index(urls, cfg.storage_options, world_size=world_size)
+    shard_urls, sizes, left_out, absent = index.sources, index.sizes, index.left_out, index.absent
     absent = [(url, size) for url, size in absent if size > 0]  # a counted shard that was not there is told
     if rank == 0:  # every rank finds the same: one of them tells
         _warn_missing(left_out, absent)
@@ -946,12 +1038,20 @@ def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed
     weights = list(cfg.weights) or [1.0] * len(sources)
     if len(weights) != len(sources):
         raise ConfigError(f"data.weights has {len(weights)} entries for {len(sources)} sources in '{urls}'")
+    counts = None
+    if manifest:
+        counts = mixture.epoch_counts(manifest, [sum(n for _, n in source) for source in sources], cfg.epoch_samples)
+        if rank == 0:
+            log.info("data.mixture %s: samples per epoch %s", cfg.mixture,
+                     ", ".join(f"{source.urls}: {count}" for source, count in zip(manifest, counts)))
     names = json.dumps([[(storage.base_name(u), n) for u, n in source] for source in sources])
+    names += json.dumps(counts) if counts else ""  # a mixture's shares are part of what the data set is
     fingerprint = hashlib.sha1(names.encode()).hexdigest()[:16]
     dataset = StreamingDataset(cfg, sources, rank=rank, world_size=world_size, seed=seed,
                                media_transform=media_transform, tokenizer=tokenizer, train=train,
-                               image_size=image_size, weights=weights, missing=frozenset(url for url, _ in absent))
-    loader = StreamingLoader(dataset, cfg, fingerprint)
+                               image_size=image_size, weights=weights, missing=frozenset(url for url, _ in absent),
+                               mixture_counts=counts)
+    loader = StreamingLoader(dataset, cfg, fingerprint, device)
     if rank == 0:  # found once for the whole data set: counted on one rank
         loader.stats["shards_not_found"] += len(left_out) + len(absent)
         loader.stats["samples_not_found"] += sum(size for _, size in left_out)
