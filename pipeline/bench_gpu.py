@@ -4,6 +4,7 @@
     python -m pipeline bench gpu --batch-size 1024 --json runs/bench-gpu/b1024.json
     python -m pipeline bench gpu --grad-checkpointing --compile    # ours with per-block torch.compile
     python -m pipeline bench gpu --data 'shards/laion/{00000..00099}.tar' --workers 8   # through pipeline.data
+    python -m pipeline bench gpu --data 'shards/laion/{00000..00099}.tar' --workers 4 --decode gpu  # nvJPEG decode
     python -m pipeline bench gpu --find-max-batch --skip-open-clip --skip-handwritten  # largest batches, 300 s budget
     deepspeed --num_gpus 8 --no_local_rank --module pipeline bench gpu --skip-open-clip  # per-GPU figures, 8 ranks
     python -m pipeline bench gpu --model tiny-clip --precision fp32 --batch-size 8 --steps 5 --warmup 2  # CPU, tiny
@@ -11,7 +12,11 @@
 One run measures, one after the other, on the same model, batch, precision and synthetic batches:
   ours                    one DeepSpeed engine built exactly as training builds it (pipeline.distributed), stepped
                           by training's own `pipeline.step.backward_step` (plain, or GradCache with --accum-steps);
-                          device-resident synthetic batches (the step alone) or --data shards (the loader included);
+                          device-resident synthetic batches (the step alone) or --data shards (the loader included:
+                          the loader's batches go into the step as in training, --decode cpu|gpu is data.decode);
+  ours, synthetic data    with --data, the same engine and batch on synthetic batches right after: the table gives
+                          shards / synthetic samples/s (target >= 0.95 at batch 256) and each row's wait for its
+                          next batch (mean, p90, share of the step);
   open_clip_train         open_clip's trainer (`open_clip_train.main --dataset-type synthetic`) as a subprocess in
                           the peer venv that `bench data` builds; its logged batch times give its samples/s;
   hand-written (eager, compiled)  `open_clip.create_model` + fused AdamW + autocast + ClipLoss, the few lines a
@@ -31,9 +36,9 @@ How ours is timed, three measurements kept apart because measuring perturbs what
 MFU and HFU are defined in pipeline.flops: MFU counts model FLOPs (3 x forward) only, the trainer's definition;
 HFU adds the forward that gradient checkpointing recomputes and GradCache's feature pass.
 
-Size: ~860 lines, one benchmark with four rows measured the same way (ours, open_clip_train, the
-hand-written step eager and compiled), its breakdown, batch search and report: one file so that every
-row visibly shares the timing method.
+Size: ~920 lines, one benchmark with five rows measured the same way (ours, ours on synthetic data,
+open_clip_train, the hand-written step eager and compiled), its breakdown, batch search and report: one
+file so that every row visibly shares the timing method.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from typing import Any
 import torch
 
 # the precision names are open_clip's (open_clip_train's --precision takes the same ones)
+from pipeline.bench_data import write_results
 from pipeline.errors import ConfigError
 from pipeline.flops import (
     MATMUL_DTYPE,
@@ -76,6 +82,7 @@ OPEN_CLIP_LOG_LINE = re.compile(r"Batch \(t\): (?P<batch_time>[0-9.]+), [0-9.e+]
 # the rows of one run, in the order they are measured
 RUN_LABELS = {
     "ours": "ours (DeepSpeed)",
+    "ours_synthetic": "ours, synthetic data",
     "open_clip_train": "open_clip_train",
     "handwritten_eager": "hand-written, eager",
     "handwritten_compiled": "hand-written, compiled",
@@ -100,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute tower blocks in backward")
     parser.add_argument("--data", default="", help="shard URLs read through pipeline.data (default: synthetic)")
     parser.add_argument("--workers", type=int, default=8, help="loader workers (ours with --data, and open_clip's)")
+    parser.add_argument("--decode", default="cpu", choices=("cpu", "gpu"),
+                        help="with --data: data.decode, where images are decoded (gpu: the loader's workers read the "
+                        "tars, the batch is decoded with nvJPEG on the step's device)")
     parser.add_argument("--fused-adamw", default="auto", choices=("auto", "on", "off"),
                         help="torch's fused AdamW kernel, through optim.fused (auto: training's default)")
     parser.add_argument("--compile", action="store_true",
@@ -363,23 +373,26 @@ def synthetic_micro_batches(run: BenchRun, batch_size: int, count: int, channels
     return synthetic_batches(run.model_cfg, run.device, run.media_dtype, batch_size, count, run.rank, channels_last)
 
 
-def _batch_source(run: BenchRun, args) -> Iterator[list]:
-    """Step after step, the `accum_steps` micro-batches of one step, on the device."""
-    if not args.data:
+def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list]:
+    """Step after step, the `accum_steps` micro-batches of one step: synthetic ones already on the device, or
+    (--data, unless `synthetic`) the loader's batches exactly as training gets them (the step copies them to
+    the device; with --decode gpu the loader hands them over there)."""
+    if synthetic or not args.data:
         batches = synthetic_micro_batches(run, args.batch_size, args.accum_steps, args.channels_last)
         while True:
             yield batches
-    from pipeline.data import Batch, DataConfig, build_loader
+    from pipeline.data import DataConfig, build_loader
     from pipeline.models import get_tokenizer, image_size, media_to_device, media_transform
 
     data_cfg = DataConfig(train_urls=args.data, modality=run.model_cfg.modality, batch_size=args.batch_size,
-                          workers=args.workers)
+                          workers=args.workers, decode=args.decode)
+    placement = {"device": run.device} if args.decode == "gpu" else {}
     loader = build_loader(data_cfg, args.data, rank=run.rank, world_size=run.world_size, seed=args.seed,
                           media_transform=media_transform(run.model_cfg, True),
-                          tokenizer=get_tokenizer(run.model_cfg), image_size=image_size(run.model_cfg))
+                          tokenizer=get_tokenizer(run.model_cfg), image_size=image_size(run.model_cfg), **placement)
 
     def forever():
-        while True:  # the loader moves itself to the next epoch
+        while True:  # the loader moves itself to the next epoch, as in pipeline.train
             yield from loader
 
     stream = forever()
@@ -387,11 +400,36 @@ def _batch_source(run: BenchRun, args) -> Iterator[list]:
         step = []
         for _ in range(args.accum_steps):
             batch = next(stream)
-            media = media_to_device(batch.media, run.device, run.media_dtype)
-            if args.channels_last and media.dim() == 4:
-                media = media.contiguous(memory_format=torch.channels_last)
-            step.append(Batch(media, batch.tokens.to(run.device, non_blocking=True), batch.keys, batch.labels))
+            if args.channels_last and batch.media.dim() == 4:
+                media = media_to_device(batch.media, run.device, run.media_dtype)
+                batch = batch._replace(media=media.contiguous(memory_format=torch.channels_last))
+            step.append(batch)
         yield step
+
+
+class WaitTimed:
+    """Wraps a batch source: `waits` holds, for each `next()`, the host seconds it took (the time the step
+    waited for its batch)."""
+
+    def __init__(self, source: Iterator):
+        self.source, self.waits = source, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        asked = time.perf_counter()
+        item = next(self.source)
+        self.waits.append(time.perf_counter() - asked)
+        return item
+
+
+def wait_summary(waits: list[float], step_s: float) -> dict[str, float]:
+    """Mean and 90th percentile (nearest rank) of the data waits in ms, and the mean's share of the step."""
+    ordered = sorted(waits)
+    p90 = ordered[max(math.ceil(0.9 * len(ordered)) - 1, 0)]
+    mean = statistics.fmean(ordered)
+    return {"data_wait_ms_mean": mean * 1e3, "data_wait_ms_p90": p90 * 1e3, "data_wait_share": mean / step_s}
 
 
 def train_step(run: BenchRun, micro_batches: list, engine=None, loss_fn=None,
@@ -695,14 +733,6 @@ def measure_handwritten(args, model_cfg, device: torch.device, compiled: bool) -
 
 
 # -- results ---------------------------------------------------------------------------------------
-def write_results(path: Path, result: dict[str, Any]) -> None:
-    """Rewrite the whole results file; atomic, so a kill while writing leaves the previous version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2))
-    os.replace(partial, path)
-
-
 def _cell(value, fmt: str) -> str:
     return fmt.format(value) if value is not None else "-"
 
@@ -715,9 +745,12 @@ def format_row(name: str, row: dict[str, Any]) -> str:
         return f"{label:34}skipped: {row['skipped']}"
     percent = {key: row[key] * 100 if row.get(key) is not None else None for key in ("mfu", "hfu")}
     ratio = row.get("ours_vs_this")
+    share = row["data_wait_share"] * 100 if row.get("data_wait_share") is not None else None
     return (f"{label:34}{_cell(row['samples_per_s_per_gpu'], '{:.1f}'):>11}{_cell(row['step_s'] * 1e3, '{:.1f}'):>10}"
             f"{_cell(percent['mfu'], '{:.2f}'):>8}{_cell(percent['hfu'], '{:.2f}'):>8}"
-            f"{_cell(row.get('peak_memory_gb'), '{:.2f}'):>10}{_cell(ratio, '{:.2f}x'):>14}")
+            f"{_cell(row.get('peak_memory_gb'), '{:.2f}'):>10}{_cell(ratio, '{:.2f}x'):>14}"
+            f"{_cell(row.get('data_wait_ms_mean'), '{:.2f}'):>9}{_cell(row.get('data_wait_ms_p90'), '{:.2f}'):>9}"
+            f"{_cell(share, '{:.1f}'):>8}")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -726,8 +759,13 @@ def format_table(result: dict[str, Any]) -> str:
              f"{result['accum_steps']} x {result['world_size']} ranks, {result['device']}, data: {result['data']}",
              f"FLOPs/sample: model {flops['model'] / 1e9:.3f} G (MFU), executed {flops['executed'] / 1e9:.3f} G "
              f"(HFU); measured matmul peak {result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak_matmul']})",
-             f"{'run':34}{'samples/s':>11}{'step ms':>10}{'MFU %':>8}{'HFU %':>8}{'peak GiB':>10}{'ours / this':>14}"]
+             f"{'run':34}{'samples/s':>11}{'step ms':>10}{'MFU %':>8}{'HFU %':>8}{'peak GiB':>10}{'ours / this':>14}"
+             f"{'wait ms':>9}{'p90 ms':>9}{'wait %':>8}"]
     lines += [format_row(name, row) for name, row in result["runs"].items()]
+    if result.get("data_vs_synthetic") is not None:
+        lines.append(f"shards / synthetic data: {result['data_vs_synthetic']:.3f} of the samples/s at batch "
+                     f"{result['batch_size']} (target >= 0.95 at batch 256); wait: the step's wait for its next batch "
+                     "(host time in the loader, mean and p90 over the timed steps, and the mean's share of the step)")
     ours = result["runs"].get("ours", {})
     if "breakdown" in ours:
         breakdown = ours["breakdown"]
@@ -755,20 +793,29 @@ def _validate(args) -> None:
     for flag in ("warmup", "workers", "peak_matmul_size", "batch_limit", "contrastive_limit"):
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.decode == "gpu" and not args.data:
+        raise ConfigError("--decode gpu decodes the images of --data shards; give --data (synthetic batches "
+                          "need no decoding)")
 
 
-def measure_ours(bench: BenchRun, args) -> dict[str, Any]:
-    source = _batch_source(bench, args)
+def measure_ours(bench: BenchRun, args, synthetic: bool = False) -> dict[str, Any]:
+    """Ours on --data (or synthetic batches): `--warmup` steps, then the timed steps with the wait for each
+    batch recorded (host time in the loader, the loop otherwise unsynchronised), then the breakdown (not
+    for the synthetic companion row of a --data run)."""
+    source = _batch_source(bench, args, synthetic)
     for _ in range(args.warmup):
         train_step(bench, next(source))
     if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(bench.device)
-    timed = time_steps(lambda micro_batches: train_step(bench, micro_batches), source, args.steps, bench.device)
+    waited = WaitTimed(source)
+    timed = time_steps(lambda micro_batches: train_step(bench, micro_batches), waited, args.steps, bench.device)
     memory = peak_memory_gb(bench.device)
-    breakdown = measure_breakdown(bench, source, args.breakdown_steps)
-    return {**timed, "samples_per_s_per_gpu": args.batch_size * args.accum_steps / timed["step_s"],
-            "peak_memory_gb": memory, "host_peak_rss_gb": host_peak_rss_gb(), "breakdown": breakdown,
-            "optimizer": bench.optimizer_kind}
+    row = {**timed, "samples_per_s_per_gpu": args.batch_size * args.accum_steps / timed["step_s"],
+           **wait_summary(waited.waits, timed["step_s"]), "peak_memory_gb": memory,
+           "host_peak_rss_gb": host_peak_rss_gb(), "optimizer": bench.optimizer_kind}
+    if not synthetic:
+        row["breakdown"] = measure_breakdown(bench, source, args.breakdown_steps)
+    return row
 
 
 def _peer_plan(args, model_cfg, device: torch.device,
@@ -806,7 +853,8 @@ def run(args) -> int:
         "world_size": bench.world_size, "zero_stage": args.zero_stage,
         "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "channels_last": args.channels_last,
         "device": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({torch.get_num_threads()} threads)",
-        "data": args.data or "synthetic (device-resident)", "steps": args.steps, "warmup": args.warmup,
+        "data": (f"{args.data} (decode={args.decode}, {args.workers} workers)" if args.data
+                 else "synthetic (device-resident)"), "steps": args.steps, "warmup": args.warmup,
         "breakdown_steps": args.breakdown_steps, "flops_per_sample": flops, "peak_flops": peak,
         "peak_matmul": f"{size}^3 {str(MATMUL_DTYPE[args.precision]).removeprefix('torch.')}", "runs": {},
     }
@@ -816,8 +864,12 @@ def run(args) -> int:
         row = {"label": RUN_LABELS[name], "precision": args.precision, **row}
         if "samples_per_s_per_gpu" in row:
             row.update(utilisation(flops, row["samples_per_s_per_gpu"], peak))
-            if name != "ours":
+            if name == "ours_synthetic":  # shards vs synthetic data through the same engine: the loader's cost
                 row["ours_vs_this"] = result["runs"]["ours"]["samples_per_s_per_gpu"] / row["samples_per_s_per_gpu"]
+                result["data_vs_synthetic"] = row["ours_vs_this"]
+            elif name != "ours":  # the peers run on synthetic data: compared with ours on the same
+                reference = result["runs"].get("ours_synthetic", result["runs"]["ours"])
+                row["ours_vs_this"] = reference["samples_per_s_per_gpu"] / row["samples_per_s_per_gpu"]
         result["runs"][name] = row
         if main:
             print(format_row(name, row), flush=True)
@@ -827,7 +879,14 @@ def run(args) -> int:
         print(f"measuring ours: {args.warmup} warmup + {args.steps} timed + {args.breakdown_steps} instrumented "
               f"steps; rows go to {results_path} as they finish", flush=True)
     label = "ours (DeepSpeed, compiled blocks)" if args.compile else RUN_LABELS["ours"]
+    if args.data:
+        label = f"ours, shards (decode={args.decode}{', compiled' if args.compile else ''})"
     finish_row("ours", {**measure_ours(bench, args), "label": label})
+    if args.data:  # the same engine on synthetic batches, at the same batch: what the loader costs
+        if main:
+            print("measuring ours on synthetic data (same engine and batch)...", flush=True)
+        synthetic_label = f"ours, synthetic data{' (compiled)' if args.compile else ''}"
+        finish_row("ours_synthetic", {**measure_ours(bench, args, synthetic=True), "label": synthetic_label})
     if args.find_max_batch:
         limit = args.batch_limit or (131072 if on_gpu else 16)
         contrastive_limit = args.contrastive_limit or (262144 if on_gpu else 32)

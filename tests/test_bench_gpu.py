@@ -251,3 +251,39 @@ def test_open_clip_trainer_runs_side_by_side(tmp_path):
     _assert_utilisation(peer, result)
     assert peer["ours_vs_this"] == pytest.approx(
         result["runs"]["ours"]["samples_per_s_per_gpu"] / peer["samples_per_s_per_gpu"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_data_fed_step_reports_its_wait_next_to_synthetic_data(tmp_path, shards, decode):
+    # the real loader (tiny shapes shards, one worker) into the real step, then the same engine on synthetic
+    # batches: both rows carry the data wait, and the ratio is the two rows' samples/s. decode=gpu runs its
+    # code path on the CPU here (the step's device)
+    result, stdout = _bench(tmp_path, "--precision", "fp32", "--data", str(shards), "--workers", "1",
+                            "--decode", decode, "--skip-open-clip", "--skip-handwritten")
+    assert list(result["runs"]) == ["ours", "ours_synthetic"]
+    assert result["data"] == f"{shards} (decode={decode}, 1 workers)"
+    data, synthetic = result["runs"]["ours"], result["runs"]["ours_synthetic"]
+    for row in (data, synthetic):
+        assert row["samples_per_s_per_gpu"] == pytest.approx(4 / row["step_s"])
+        assert 0 <= row["data_wait_ms_mean"] and 0 <= row["data_wait_ms_p90"]
+        # the mean of the waits cannot exceed their largest: p90 of 3 steps is the largest (nearest rank)
+        assert row["data_wait_ms_mean"] <= row["data_wait_ms_p90"] + 1e-9
+        assert row["data_wait_share"] == pytest.approx(row["data_wait_ms_mean"] / 1e3 / row["step_s"])
+        assert 0 <= row["data_wait_share"] < 1
+        assert math.isfinite(row["final_loss"])
+    # synthetic batches are already on the device: next() waits for nothing the loader does
+    assert synthetic["data_wait_ms_p90"] < 5
+    assert "breakdown" in data and "breakdown" not in synthetic
+    assert data["breakdown"]["data_wait"] >= 0
+    assert synthetic["ours_vs_this"] == pytest.approx(data["samples_per_s_per_gpu"] / synthetic["samples_per_s_per_gpu"])
+    assert result["data_vs_synthetic"] == synthetic["ours_vs_this"]
+    assert "shards / synthetic data" in stdout and f"ours, shards (decode={decode})" in stdout
+
+
+def test_decode_gpu_needs_data(capsys):
+    from pipeline.cli import main
+
+    assert main(["bench", "gpu", "--decode", "gpu"]) == 2  # refused before any process group or model
+    err = capsys.readouterr().err
+    assert "--decode gpu" in err and "--data" in err
