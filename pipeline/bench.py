@@ -1,6 +1,6 @@
-"""Benchmarks: `python -m pipeline bench shards|data|gpu`. Each prints its figures and the ratio
+"""Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory`. Each prints its figures and the ratio
 against a peer run side by side (never a timed assertion). Each benchmark lives in its own module
-(`bench_shards.py`, `bench_data.py`, `bench_gpu.py`) exposing `add_arguments(parser)` and `run(args)`.
+(`bench_shards.py`, `bench_data.py`, `bench_gpu.py`, `bench_loss.py`) exposing `add_arguments(parser)` and `run(args)`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ BENCHMARKS = {
     "shards": ("pipeline.bench_shards", "shard building vs a plain webdataset ShardWriter loop"),
     "data": ("pipeline.bench_data", "streaming loader vs open_clip's webdataset pipeline and the decode ceiling"),
     "gpu": ("pipeline.bench_gpu", "ViT-B/32 amp_bf16 training step throughput and MFU vs open_clip's trainer and a hand-written step"),
+    "loss-memory": ("pipeline.bench_loss", "peak memory of the contrastive loss vs the batch N: linear when chunked"),
 }
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu)", description=__doc__)
+    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory)", description=__doc__)
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name, (module_name, summary) in BENCHMARKS.items():
         try:

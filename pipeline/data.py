@@ -873,6 +873,10 @@ class StreamingLoader:
         # runs on into the next epoch (StreamingDataset.__iter__), so the next epoch continues it
         self._live: Iterator | None = None
         self._live_next: tuple[int, int] | None = None
+        # data.decode=gpu: hand out batches with their images still encoded (DeferredImages), decoded by
+        # `materialize` when a pass needs them; GradCache sets it, so a step of k micro-batches holds k
+        # batches of JPEG bytes rather than k batches of pixels (a million 224-px images: 147 GiB of pixels)
+        self.defer_decode = False
         self.stats: dict[str, int] = Counter(dict.fromkeys(STAT_KEYS, 0))
         self._loader = self._data_loader()
 
@@ -919,7 +923,8 @@ class StreamingLoader:
                                        "storage is only slow") from error
                 self.stats.update(delta)
                 if isinstance(batch.media, imagedecode.EncodedImages):
-                    batch = self._decode_on_device(batch)
+                    batch = (batch._replace(media=DeferredImages(batch.media, self)) if self.defer_decode
+                             else self._decode_on_device(batch))
                 self.batches_consumed += 1  # before yielding: a state taken now counts this batch
                 self._live_next = (self.epoch, self.batches_consumed)
                 yield batch
@@ -931,25 +936,30 @@ class StreamingLoader:
         else:  # an eval stream ends with its range: the next pass starts a new iterator
             self._live = self._live_next = None
 
-    def _decode_on_device(self, batch: Batch) -> Batch:
+    def _decode_on_device(self, batch: Batch, count: bool = True) -> Batch:
         """data.decode=gpu: the batch's JPEGs decoded, cropped and resized on `self.device`. A row no
-        decoder reads loses its sample like a corrupt one in a worker: marked invalid, counted, filled."""
+        decoder reads loses its sample like a corrupt one in a worker: marked invalid, counted, filled.
+        The same every time for the same batch (`count`: whether this time counts in the stats)."""
         media, failed, on_cpu = imagedecode.decode(batch.media, self.dataset.device_crop, self.device)
-        self.stats["decoded_on_cpu"] += on_cpu
+        if count:
+            self.stats["decoded_on_cpu"] += on_cpu
         if not failed:
             return batch._replace(media=media)
         keys, labels, valid = list(batch.keys), batch.labels.clone(), batch.valid.clone()
         for row in failed:
-            log.warning("skipped sample %s: corrupt_media (no decoder reads its JPEG)", keys[row])
+            if count:
+                log.warning("skipped sample %s: corrupt_media (no decoder reads its JPEG)", keys[row])
             keys[row], labels[row], valid[row] = "", -1, False
         good = valid.nonzero().flatten().tolist()
         for index, row in enumerate(failed):
             if good:  # a real sample's pixels (fixed shapes); the slot is marked invalid
                 media[row] = media[good[index % len(good)]]
-        self.stats["skipped_corrupt_media"] += len(failed)
-        self.stats["samples_read"] -= len(failed)
-        self.stats["samples_filled"] += len(failed)
+        if count:
+            self.stats["skipped_corrupt_media"] += len(failed)
+            self.stats["samples_read"] -= len(failed)
+            self.stats["samples_filled"] += len(failed)
         return Batch(media, batch.tokens, keys, labels, valid)
+
     def _waited_on(self) -> str:
         """Which shards the batch that did not come was to be read from (for the DataLoader's timeout)."""
         dataset, batch = self.dataset, self.batches_consumed
@@ -1013,6 +1023,28 @@ class StreamingLoader:
                      "samples left over)", epoch, ", then ".join(f"{layout} consumed {n} batches per rank"
                                                                  for layout, n in chain),
                      len(self), self.dataset.remainder_of(epoch))
+
+
+class DeferredImages:
+    """A batch's images still encoded (StreamingLoader.defer_decode): `materialize(batch)` decodes them on
+    the loader's device, each time a pass needs them; the first time counts in the loader's stats."""
+
+    def __init__(self, encoded: imagedecode.EncodedImages, loader: StreamingLoader):
+        self.encoded, self.loader, self.counted = encoded, loader, False
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def materialize(batch: Batch) -> Batch:
+    """The batch with its images decoded when the loader deferred them (else the batch itself). Decoding
+    is deterministic, so every call gives the same pixels and the same `valid` rows."""
+    if not isinstance(batch.media, DeferredImages):
+        return batch
+    deferred = batch.media
+    decoded = deferred.loader._decode_on_device(batch._replace(media=deferred.encoded), count=not deferred.counted)
+    deferred.counted = True
+    return decoded
 
 
 def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed: int, media_transform,

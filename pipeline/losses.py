@@ -157,12 +157,20 @@ def _chunk_logits(queries, candidates, scale, bias, start, stop, columns=None):
     return logits
 
 
-def _chunk_forward(logits, labels, criterion, smoothing, mask=None, start=0, stop=None):
+def _log_sum_exp_(logits):
+    """torch.logsumexp(logits, dim=1) computed inside `logits`, which it overwrites: logsumexp itself
+    allocates two temporaries of the block's size (shifted logits, their exp)."""
+    peak = logits.amax(dim=1, keepdim=True)
+    return logits.sub_(peak).exp_().sum(dim=1).log_().add_(peak.squeeze(1))
+
+
+def _chunk_forward(logits, labels, criterion, smoothing, mask=None, start=0, stop=None, overwrite=False):
     """(loss of these rows, per-row log-sum-exp or None, number of rows whose argmax is the label).
 
     Unmasked: the plain sum of the row losses. Masked (`mask`, a RowMask of the whole local batch, these
     being its rows start:stop, invalid columns already at MASKED_LOGIT): the sum over the valid rows of
-    row loss x row weight, each row's softmax and smoothing over the valid columns only."""
+    row loss x row weight, each row's softmax and smoothing over the valid columns only. `overwrite`
+    (no autograd through `logits`) lets the softmax log-sum-exp reuse the block instead of allocating two more."""
     rows = torch.arange(logits.shape[0], device=logits.device)
     target = logits[rows, labels]
     hits = logits.argmax(dim=1) == labels
@@ -177,13 +185,15 @@ def _chunk_forward(logits, labels, criterion, smoothing, mask=None, start=0, sto
         row_loss = F.softplus(logits).sum(dim=1) - target
         log_sum_exp = None
     else:
-        log_sum_exp = torch.logsumexp(logits, dim=1)
         # cross-entropy against (1 - eps) one-hot + eps / N, as F.cross_entropy(label_smoothing=eps)
-        row_loss = log_sum_exp - (1.0 - smoothing) * target
         if smoothing and mask is None:
-            row_loss = row_loss - smoothing * logits.mean(dim=1)
+            mean_logit = logits.mean(dim=1)
         elif smoothing:  # the mean over the valid columns: MASKED_LOGIT x 0 adds 0
-            row_loss = row_loss - smoothing * (logits @ mask.columns.float()) / mask.count
+            mean_logit = (logits @ mask.columns.float()) / mask.count
+        log_sum_exp = _log_sum_exp_(logits) if overwrite else torch.logsumexp(logits, dim=1)
+        row_loss = log_sum_exp - (1.0 - smoothing) * target
+        if smoothing:
+            row_loss = row_loss - smoothing * mean_logit
         if mask is None:
             return row_loss.sum(), log_sum_exp, correct
     # where(), not a product: an invalid row's own (masked) target makes its row loss huge
@@ -216,7 +226,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 stop = min(start + chunk_size, rows)
                 logits = _chunk_logits(queries, candidates, scale, bias, start, stop, columns)
                 chunk_loss, log_sum_exp, chunk_correct = _chunk_forward(
-                    logits, labels[start:stop], criterion, smoothing, mask, start, stop
+                    logits, labels[start:stop], criterion, smoothing, mask, start, stop, overwrite=True
                 )
                 loss += chunk_loss
                 correct += chunk_correct
@@ -250,10 +260,14 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         else:  # eps / N on the valid columns only; each row its own weight (0: an invalid row)
             off_target = (smoothing / mask.count) * mask.columns.float() if smoothing else 0.0
             row_weight = (grad_loss * mask.row_weight)[:, None]
-        # unscaled accumulators: multiplying by the scale tensor once at the end avoids a host sync
-        unscaled_grad_queries = torch.empty_like(queries)  # (d loss / d logits) @ candidates
+        # unscaled accumulators: multiplying by the scale tensor once at the end avoids a host sync; the
+        # two [rows | N, D] accumulators are the only feature-sized tensors backward allocates (the scale's
+        # gradient is summed chunk by chunk, the scaling is in place)
+        grad_queries = torch.empty_like(queries)  # (d loss / d logits) @ candidates
         grad_candidates = torch.zeros_like(candidates)
         grad_bias = torch.zeros((), dtype=torch.float32, device=queries.device)
+        # logit = scale * <q, c> + bias: d/d scale sums <q_i, sum_j g_ij c_j> over rows
+        unscaled_grad_scale = torch.zeros((), dtype=torch.float32, device=queries.device)
         with torch.autocast(device_type=queries.device.type, enabled=False):
             for start in range(0, rows, ctx.chunk_size):
                 stop = min(start + ctx.chunk_size, rows)
@@ -269,20 +283,22 @@ class _ChunkedLogitLoss(torch.autograd.Function):
                 grad_logits.mul_(row_weight if mask is None else row_weight[start:stop])
                 if bias is not None:
                     grad_bias += grad_logits.sum()
-                unscaled_grad_queries[start:stop] = grad_logits @ candidates
+                torch.mm(grad_logits, candidates, out=grad_queries[start:stop])
                 grad_candidates.addmm_(grad_logits.T, queries[start:stop])
+                if ctx.needs_input_grad[2]:
+                    unscaled_grad_scale += torch.vdot(queries[start:stop].reshape(-1),
+                                                      grad_queries[start:stop].reshape(-1))
                 del grad_logits
-        grad_queries = grad_candidates_out = grad_scale = grad_bias_out = None
+        grad_queries_out = grad_candidates_out = grad_scale = grad_bias_out = None
         if ctx.needs_input_grad[0]:
-            grad_queries = unscaled_grad_queries * scale
+            grad_queries_out = grad_queries.mul_(scale)
         if ctx.needs_input_grad[1]:
             grad_candidates_out = grad_candidates.mul_(scale)
         if ctx.needs_input_grad[2]:
-            # logit = scale * <q, c> + bias: d/d scale sums <q_i, sum_j g_ij c_j> over rows
-            grad_scale = (queries * unscaled_grad_queries).sum().reshape(scale.shape)
+            grad_scale = unscaled_grad_scale.reshape(scale.shape)
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias_out = grad_bias.reshape(bias.shape)
-        return (grad_queries, grad_candidates_out, grad_scale, grad_bias_out) + (None,) * 8
+        return (grad_queries_out, grad_candidates_out, grad_scale, grad_bias_out) + (None,) * 8
 
 
 def chunked_logit_loss(

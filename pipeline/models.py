@@ -8,8 +8,10 @@
 Image-text models are open_clip's own (any open_clip config name, or ours in pipeline/model_configs/),
 so their weights export to a state dict that `open_clip.create_model_and_transforms` loads. Audio-text
 models pair a log-mel patch transformer with open_clip's text transformer. Plain PyTorch: no deepspeed.
+LiT (`lock_image`, `lock_text`) freezes towers with open_clip's own lock methods; FLIP's patch dropout
+(`patch_dropout`) is our `PatchDropout`, whose masks GradCache can reproduce (see its docstring).
 
-Size: ~540 lines, the towers plus what they are fed with (the image transform, log-mel features, the
+Size: ~730 lines, the towers plus what they are fed with (the image transform, log-mel features, the
 tokenizer): a model and its input contract change together, and the export test checks both at once.
 """
 
@@ -81,6 +83,27 @@ class ModelConfig:
     pretrained: str = ""
     """Local checkpoint file to start from: an open_clip state dict for image models, a
     ContrastiveModel state dict for audio models; empty for random initialisation."""
+    lock_image: bool = False
+    """LiT: freeze the image tower (typically loaded from `pretrained`); its parameters get no gradient, no
+    optimizer state and no gradient reduction, and a fully locked tower runs its forward without autograd."""
+    lock_image_unlocked_groups: int = 0
+    """With `lock_image`: leave the last N layer groups of the image tower trainable (open_clip's
+    `lock_image_tower(unlocked_groups)`; for a ViT: the projection, then the last block with ln_post, then
+    each earlier block, then the patch/position embeddings)."""
+    lock_image_freeze_bn_stats: bool = False
+    """With `lock_image` on a ResNet image tower: also freeze the BatchNorm running statistics of the locked
+    stages (open_clip's `freeze_bn_stats`)."""
+    lock_text: bool = False
+    """Freeze the text tower, as `lock_image` does the image tower."""
+    lock_text_unlocked_layers: int = 0
+    """With `lock_text`: leave the last N layer groups of the text tower trainable (open_clip's
+    `lock_text_tower(unlocked_layers)`: the projection, then the last block with ln_final, then each earlier
+    block, then the token/position embeddings)."""
+    patch_dropout: float = 0.0
+    """FLIP: fraction of the image patches each training sample drops (0.5-0.75 in the paper); the class
+    token is always kept and evaluation keeps every patch. A sample's kept patches depend only on the step
+    and the sample's row in the step's batch, so GradCache (train.accum_steps) gives the gradients of one
+    pass over the whole batch. ViT image towers only; replaces an open_clip config's own patch_dropout."""
     grad_checkpointing: bool = False
     """Recompute every transformer block in the backward pass (reentrant checkpointing, ZeRO-3 safe)."""
     probabilistic: bool = False
@@ -125,6 +148,7 @@ class ModelConfig:
                     f"model.name {self.name!r} needs a Hugging Face download (text tower or tokenizer); "
                     "pick a model with open_clip's bundled BPE tokenizer (ViT-B-32, ViT-B-16, ViT-L-14, tiny-clip)"
                 )
+        self._validate_locks_and_patch_dropout()
         if self.pretrained and not Path(self.pretrained).is_file():
             raise ConfigError(f"model.pretrained: checkpoint file {self.pretrained!r} does not exist")
         if not self.max_logit_scale > 0:
@@ -138,6 +162,28 @@ class ModelConfig:
             raise ConfigError(
                 f"model.log_sigma_min ({self.log_sigma_min}) must be below model.log_sigma_max ({self.log_sigma_max})"
             )
+
+
+    def _validate_locks_and_patch_dropout(self) -> None:
+        for key, count, lock_key in (("lock_image_unlocked_groups", self.lock_image_unlocked_groups, "lock_image"),
+                                     ("lock_text_unlocked_layers", self.lock_text_unlocked_layers, "lock_text")):
+            if count < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {count}")
+            if count and not getattr(self, lock_key):
+                raise ConfigError(f"model.{key}={count} only applies with model.{lock_key}=true")
+        if self.lock_image_freeze_bn_stats and not self.lock_image:
+            raise ConfigError("model.lock_image_freeze_bn_stats only applies with model.lock_image=true")
+        if not 0 <= self.patch_dropout < 1:
+            raise ConfigError(f"model.patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        if self.modality != "image":
+            for key in ("lock_image", "patch_dropout"):
+                if getattr(self, key):
+                    raise ConfigError(f"model.{key}: {self.name} is an audio model; {key} applies to image towers")
+        elif self.patch_dropout:
+            vision_cfg = _image_model_config(self.name)["vision_cfg"]
+            if vision_cfg.get("timm_model_name") or isinstance(vision_cfg.get("layers"), (list, tuple)):
+                raise ConfigError(f"model.patch_dropout: {self.name} has no ViT image tower (patch dropout drops ViT "
+                                  "patch tokens; ResNet and timm towers have none)")
 
 
 def _validate_audio_tower(audio_cfg: dict[str, Any], features: AudioConfig, name: str) -> None:
@@ -167,9 +213,12 @@ def _reentrant_checkpointed_forward(transformer: nn.Module, x: torch.Tensor, att
     if not transformer.batch_first:
         x = x.transpose(0, 1).contiguous()
     for block in transformer.resblocks:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and x.requires_grad:
             x = checkpoint(_run_block, block, x, attn_mask, use_reentrant=True)
-        else:  # GradCache's feature pass runs without grad: nothing to save or recompute
+        else:
+            # no grad (GradCache's feature pass, a locked tower): nothing to save or recompute. An input
+            # without grad (the first trainable block after locked ones, model.lock_*_unlocked_*) runs
+            # plainly too: a reentrant checkpoint would leave that block's parameters without gradient
             x = block(x, attn_mask=attn_mask)
     if not transformer.batch_first:
         x = x.transpose(0, 1)
@@ -180,7 +229,7 @@ def _checkpointed_stage_forward(stage: nn.Sequential, x: torch.Tensor) -> torch.
     """A ResNet stage (nn.Sequential of bottlenecks) recomputed in backward, reentrant like the blocks above.
     Its BatchNorm layers see the same batch on recomputation, so outputs and gradients are unchanged;
     only their running statistics take a second momentum update per step."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and x.requires_grad:  # see _reentrant_checkpointed_forward
         return checkpoint(nn.Sequential.forward, stage, x, use_reentrant=True)
     return nn.Sequential.forward(stage, x)
 
@@ -254,6 +303,91 @@ class AudioTransformer(nn.Module):
         return self.ln_post(x.mean(dim=1)) @ self.proj
 
 
+# ---------------------------------------------------------------- patch dropout (FLIP)
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A bijective integer hash of values in [0, 2**32) (xor-shift-multiply), for int64 tensors and Python
+    ints alike; the multiplier is below 2**27, so no product leaves int64 on any device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _LOW32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _LOW32
+    return (x >> 16) ^ x
+
+
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout whose mask of a sample depends only on (step seed, the sample's row in the step).
+
+    Ours rather than open_clip's PatchDropout: that one draws one random matrix for the micro-batch from
+    torch's global RNG, so a sample's mask depends on how the step's batch is cut into micro-batches and on
+    every draw before it. Here the score of patch j of the sample in row r is a counter-based hash of
+    (seed, r, j), computed on the device in one pass; the top `keep` scores are kept, in patch order. The
+    class token (the first `num_prefix_tokens` tokens) is always kept. The trainer says where the rows of
+    the next forward sit with `place(seed, first_row)` (see `patch_dropout_rows`), once per forward; a
+    forward that was not placed draws a fresh seed from torch's RNG and numbers its rows from 0, as any
+    dropout would. Evaluation (`eval()`) keeps every patch.
+    """
+
+    def __init__(self, prob: float, num_prefix_tokens: int = 1):
+        super().__init__()
+        if not 0 <= prob < 1:
+            raise ValueError(f"patch dropout probability must be in [0, 1), got {prob}")
+        self.prob, self.num_prefix_tokens = prob, num_prefix_tokens
+        self._placement: tuple[int, int] | None = None
+
+    def place(self, seed: int, first_row: int) -> None:
+        """The rows of the next forward are rows first_row, first_row + 1, ... of the step seeded `seed`."""
+        self._placement = (int(seed) & _LOW32, int(first_row))
+
+    def keep_indices(self, rows: int, patches: int, seed: int, first_row: int, device) -> torch.Tensor:
+        """Long[rows, keep]: the patches (0-based, after the prefix tokens) each row keeps, ascending."""
+        keep = max(1, int(patches * (1 - self.prob)))
+        # the seed's hash is a Python int: a kernel argument, no copy to the device
+        row_ids = (torch.arange(first_row, first_row + rows, device=device) & _LOW32) ^ _mix32(seed & _LOW32)
+        patch_ids = torch.arange(patches, device=device)
+        scores = _mix32(_mix32(row_ids)[:, None] ^ (patch_ids * 0x9E3779B1 & _LOW32))
+        # scores * patches + j: every score distinct, so the top-k (and the mask) never depends on tie-breaking
+        chosen = (scores * patches + patch_ids).topk(keep, dim=1).indices
+        return chosen.sort(dim=1).values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        placement, self._placement = self._placement, None
+        if not self.training or self.prob == 0:
+            return x
+        seed, first_row = placement if placement is not None else (int(torch.randint(0, 2**31, (1,))), 0)
+        prefix, patches = x[:, :self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        kept = self.keep_indices(x.shape[0], patches.shape[1], seed, first_row, x.device)
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([prefix, patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
+
+
+class PatchDropoutRows:
+    """Where the rows of a model's next forward sit in the step's batch, for its PatchDropout modules.
+
+        rows = patch_dropout_rows(model)     # once per step: the step's seed, from torch's RNG
+        rows.place(first_row); model(...)    # before each forward of the step (each micro-batch, each pass)
+    """
+
+    def __init__(self, modules: list[PatchDropout], seed: int):
+        self.modules, self.seed = modules, seed
+
+    def place(self, first_row: int) -> None:
+        for module in self.modules:
+            module.place(self.seed, first_row)
+
+
+def patch_dropout_rows(model: nn.Module) -> PatchDropoutRows:
+    """A step's `PatchDropoutRows` for `model`. The seed is drawn from torch's RNG only when the model drops
+    patches, so runs without patch dropout keep their random stream."""
+    modules = [module for module in model.modules() if isinstance(module, PatchDropout) and module.prob > 0]
+    seed = int(torch.randint(0, 2**31, (1,))) if modules else 0
+    return PatchDropoutRows(modules, seed)
+
+
 # ---------------------------------------------------------------- the two-tower model
 
 
@@ -271,12 +405,16 @@ class ContrastiveModel(nn.Module):
         if cfg.modality == "image":
             register_open_clip_configs()
             # nonscalar_logit_scale: DeepSpeed crashes on 0-dim parameters
+            # force_patch_dropout=0: open_clip's own patch dropout (global RNG) never runs; ours replaces it
             self.clip = open_clip.create_model(
                 cfg.name, pretrained=cfg.pretrained or None, nonscalar_logit_scale=True,
                 init_logit_scale=cfg.init_logit_scale,
                 init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None, output_dict=True,
+                force_patch_dropout=0.0,
             )
             embed_dim = _image_model_config(cfg.name)["embed_dim"]
+            if cfg.patch_dropout:
+                self.clip.visual.patch_dropout = PatchDropout(cfg.patch_dropout)
         else:
             spec = _audio_model_configs()[cfg.name]
             embed_dim = spec["embed_dim"]
@@ -295,6 +433,8 @@ class ContrastiveModel(nn.Module):
                 nn.init.zeros_(head.bias)
         if cfg.modality == "audio" and cfg.pretrained:
             self.load_state_dict(_read_state_dict(cfg.pretrained))
+        self.media_locked = self.text_locked = False
+        self.lock_towers()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     # -- parameters shared by both towers
@@ -322,6 +462,48 @@ class ContrastiveModel(nn.Module):
 
     # -- towers
 
+    def _text_tower_parameters(self) -> list[nn.Parameter]:
+        if self.cfg.modality != "image":
+            return list(self.text.parameters())
+        owners = [self.clip.token_embedding, self.clip.positional_embedding, self.clip.transformer,
+                  self.clip.ln_final, self.clip.text_projection]
+        return [p for owner in owners if owner is not None
+                for p in ([owner] if isinstance(owner, nn.Parameter) else owner.parameters())]
+
+    def lock_towers(self) -> None:
+        """LiT (model.lock_image / model.lock_text): freeze the towers with open_clip's own lock methods, so
+        the unlocked groups are open_clip's. Frozen parameters have requires_grad=False, which keeps them out
+        of the optimizer (pipeline.optim) and out of DeepSpeed's gradient reduction at every ZeRO stage.
+        A tower with no trainable parameter left runs its forward under torch.no_grad (`media_locked`,
+        `text_locked`): no activations are kept for it."""
+        cfg = self.cfg
+        if (cfg.lock_image or cfg.lock_text) and not cfg.pretrained:
+            log.warning("model.lock_image / model.lock_text without model.pretrained: the locked weights stay at "
+                        "their random initialisation")
+        if cfg.lock_image:
+            try:
+                self.clip.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups,
+                                           freeze_bn_stats=cfg.lock_image_freeze_bn_stats)
+            except AssertionError as error:  # open_clip's ResNet and timm towers lock only whole
+                raise ConfigError(f"model.lock_image_unlocked_groups={cfg.lock_image_unlocked_groups}: "
+                                  f"{cfg.name}'s image tower: {error}") from None
+            trainable = [p for p in self.clip.visual.parameters() if p.requires_grad]
+            if trainable and len(trainable) == len(list(self.clip.visual.parameters())):
+                raise ConfigError(f"model.lock_image_unlocked_groups={cfg.lock_image_unlocked_groups} unlocks the "
+                                  f"whole image tower of {cfg.name}: use fewer groups, or model.lock_image=false")
+            self.media_locked = not trainable
+        if cfg.lock_text:
+            if cfg.modality == "image":
+                self.clip.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers)
+            else:
+                self.text.lock(unlocked_layers=cfg.lock_text_unlocked_layers)
+            parameters = self._text_tower_parameters()
+            trainable = [p for p in parameters if p.requires_grad]
+            if trainable and len(trainable) == len(parameters):
+                raise ConfigError(f"model.lock_text_unlocked_layers={cfg.lock_text_unlocked_layers} unlocks the "
+                                  f"whole text tower of {cfg.name}: use fewer layers, or model.lock_text=false")
+            self.text_locked = not trainable
+
     def normalise_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, H, W] (the loader's) -> open_clip's input: /255, minus mean, over std, in
         the vision tower's dtype. The same float32 operations as ToTensor + Normalize, so the result is
@@ -347,7 +529,8 @@ class ContrastiveModel(nn.Module):
         if self.cfg.modality == "image":
             # through open_clip's forward, not encode_image: ZeRO-3 gathers a module's own partitioned
             # parameters (text_projection, ...) only in a forward hook of that module
-            features = self.clip(image=media)["image_features"]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.media_locked):
+                features = self.clip(image=media)["image_features"]
         else:
             features = F.normalize(self.audio(media), dim=-1)
         part = {"media_features": features}
@@ -357,10 +540,11 @@ class ContrastiveModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tokens [B, context] -> text_features (and text_log_sigma)."""
-        if self.cfg.modality == "image":
-            features = self.clip(text=tokens)["text_features"]
-        else:
-            features = F.normalize(self.text(tokens), dim=-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.text_locked):  # a locked tower: no graph
+            if self.cfg.modality == "image":
+                features = self.clip(text=tokens)["text_features"]
+            else:
+                features = F.normalize(self.text(tokens), dim=-1)
         part = {"text_features": features}
         if self.cfg.probabilistic:
             part["text_log_sigma"] = self._log_sigma(self.text_log_sigma_head, features)

@@ -63,7 +63,11 @@ NO_DECAY_NAMES = ("bias", "norm", "ln_", "logit_scale", "logit_bias", "sigma")
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices only: decaying biases, norms or the temperature hurts CLIP."""
+    """Weight decay on weight matrices only: decaying biases, norms or the temperature hurts CLIP.
+
+    Frozen parameters (requires_grad=False: a locked tower, model.lock_image / model.lock_text) are left
+    out, so they get no optimizer state; an empty group is left out too (DeepSpeed's ZeRO optimizers
+    cannot flatten one)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -72,10 +76,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             no_decay.append(parameter)
         else:
             decay.append(parameter)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    if not decay and not no_decay:
+        raise ConfigError("every parameter is frozen (model.lock_image, model.lock_text): nothing to train")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -75,7 +75,7 @@ def resolve_precision(precision: str) -> str:
 
 def deepspeed_config(
     *, micro_batch_size: int, accum_steps: int, world_size: int, zero_stage: int, precision: str,
-    grad_clip: float, log_every: int,
+    grad_clip: float, log_every: int, load_universal: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for one engine, generated from our run config.
 
@@ -87,6 +87,8 @@ def deepspeed_config(
     one fused kernel over all gradients and one host read per step.
     At ZeRO-0, gradient clipping is ours (`clip_gradients`, one foreach kernel chain, no host read):
     `gradient_clipping` is set only for ZeRO 1-3, whose optimizers hold the partitioned gradients.
+    `load_universal`: the engine will load a DeepSpeed universal checkpoint (a resume at another world size,
+    pipeline.checkpoint.CheckpointManager.loads_universal).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
@@ -112,6 +114,8 @@ def deepspeed_config(
             stage3_param_persistence_threshold=10_000, overlap_comm=True, contiguous_gradients=True,
             reduce_bucket_size=ZERO_BUCKET_ELEMENTS,
         )
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if precision in ("amp_bf16", "amp"):
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "amp_bf16" else "float16"}
     return config

@@ -1,4 +1,4 @@
-"""Build, verify and list WebDataset tar shards: `python -m pipeline shards build|verify|ls`.
+"""Build, verify, list and index WebDataset tar shards: `python -m pipeline shards build|verify|ls|index`.
 
     python -m pipeline shards build --source shapes --split train --output shards/shapes/train
     python -m pipeline shards build --source folder --input photos/ --resize 256 --output s3://bucket/photos \\
@@ -6,6 +6,7 @@
     python -m pipeline shards build --source manifest --input pairs.parquet --output shards/pairs --workers 4
     python -m pipeline shards verify shards/shapes/train s3://bucket/photos/photos-000000.tar
     python -m pipeline shards ls shards/shapes/train --limit 5 [--json]   # keys and fields as the loader sees them
+    python -m pipeline shards index s3://bucket/laion400m --workers 64   # sizes.json for img2dataset output
 
 A data set is `{prefix}-{index:06d}.tar` shards, `sizes.json` (shard name -> samples, as open_clip
 reads it), `{prefix}-{index:06d}_stats.json` per shard (img2dataset-like) and `classes.json` for the
@@ -14,7 +15,8 @@ embedded labelled sets.
 The format itself (member names -> keys and fields, the tar writer, sizes.json and *_stats.json) is
 pipeline.shardformat, the one the loader reads with; file access is pipeline.storage. This module is long
 (~1000 lines) because it is the whole `shards` program: inputs (folder, manifest), media checks and
-resizing, the parallel deterministic build, verify, ls and their CLI.
+resizing, the parallel deterministic build, verify, ls and their CLI. `index` writes sizes.json with the
+loader's own reader of shard sizes (pipeline.shardindex).
 
 Determinism: the input is cut into fixed chunks of `samples_per_shard` input items; each chunk is
 built by one worker into one tar (or several, when `max_shard_bytes` cuts it) with fixed member
@@ -48,7 +50,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline import shardformat, storage, synthetic
+from pipeline import shardformat, shardindex, storage, synthetic
 from pipeline.args import parse_overrides
 from pipeline.errors import ConfigError
 
@@ -860,9 +862,9 @@ def _add_storage_option(parser: argparse.ArgumentParser) -> None:
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("shards", help="build, verify or list WebDataset tar shards", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="shards_command", metavar="{build,verify,ls}")
+    parser = subparsers.add_parser("shards", help="build, verify, list or index WebDataset tar shards",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="shards_command", metavar="{build,verify,ls,index}")
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
     build = commands.add_parser(
@@ -941,6 +943,24 @@ def register_cli(subparsers) -> None:
     _add_storage_option(listing)
     listing.set_defaults(func=_run_ls)
 
+    index = commands.add_parser(
+        "index", help="write sizes.json for an existing data set directory (img2dataset output, or tars only)",
+        description="Write URL/sizes.json (shard name -> samples, open_clip's form) for the *.tar directly in a "
+                    "data set directory, local or fsspec (s3://bucket/laion400m). Each count is the shard's "
+                    "*_stats.json 'successes' where img2dataset wrote one, else the samples counted in the tar "
+                    "(grouped as the loader groups them; a damaged tar counts the samples before the damage, "
+                    "with a warning naming it). Shards are read on --workers threads. With a sizes.json, a "
+                    "training run reads one file per directory at start instead of one per shard. Prints the "
+                    "totals; an existing sizes.json is replaced only with --force (and is not read then).",
+        formatter_class=_DefaultsFormatter)
+    index.add_argument("url", metavar="URL", help="data set directory or prefix holding the *.tar shards")
+    index.add_argument("--workers", type=int, default=shardindex.READ_THREADS,
+                       help="threads reading *_stats.json files or counting tars")
+    index.add_argument("--force", action="store_true", help="replace an existing sizes.json")
+    _add_storage_option(index)
+    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.set_defaults(func=_run_index)
+
 
 def _run_build(args) -> int:
     try:
@@ -996,4 +1016,21 @@ def _run_ls(args) -> int:
         return 1
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+    return 0
+
+
+def _run_index(args) -> int:
+    if args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        summary = shardindex.write_sizes_json(args.url, parse_storage_options(args.storage_option),
+                                              threads=args.workers, force=args.force, progress=not args.quiet)
+    except (ConfigError, shardformat.SizesError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except shardindex.ShardIndexError as error:  # names the shard
+        print(f"error: cannot read shard {error}", file=sys.stderr)
+        return 1
+    print(summary.describe())
     return 0

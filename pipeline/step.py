@@ -11,6 +11,7 @@ calls these once per step.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import rng_state, set_rng_state
-from pipeline.models import media_to_device
+from pipeline.data import materialize
+from pipeline.models import media_to_device, patch_dropout_rows
 from pipeline.parallelize import clip_gradients
 
 # outputs of the model that are one value for the whole batch rather than one row per sample
@@ -39,6 +41,24 @@ def _with_valid(outputs: dict[str, Any], micro_batches: list, device: torch.devi
     return {**outputs, "valid": valid}
 
 
+def _cache_outputs(cache: dict[str, torch.Tensor], outputs: dict[str, Any], first: int, rows: int,
+                   total_rows: int) -> None:
+    """Copy one micro-batch's floating outputs into `cache` at rows first:first+rows of fp32 buffers of
+    `total_rows` rows, allocated at the first micro-batch (fp32: the loss is computed in fp32, and fp16
+    output gradients could underflow). A shared output (logit scale, bias) is kept from the first."""
+    for key, value in outputs.items():
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+            continue
+        if key in SHARED_OUTPUTS:
+            cache.setdefault(key, value.detach().float())
+            continue
+        if value.shape[0] != rows:
+            raise ValueError(f"model output {key!r} has {value.shape[0]} rows for a micro-batch of {rows} samples")
+        if key not in cache:
+            cache[key] = torch.empty((total_rows, *value.shape[1:]), dtype=torch.float32, device=value.device)
+        cache[key][first:first + rows] = value
+
+
 def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype):
     """Gradients of the contrastive loss over all `micro_batches` of every rank, left in the engine
     (reduced across ranks: the last backward is DeepSpeed's accumulation boundary). The caller then
@@ -50,43 +70,61 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
     back-propagate the cached output gradients through it. The gradient is exactly that of one
     batch `len(micro_batches)` times larger, and so is the contrastive batch.
     """
+    # patch dropout masks by (step seed, row in the step's batch): the same for any cut into micro-batches
+    rows = patch_dropout_rows(engine.module)
+    firsts = list(itertools.accumulate((len(batch.tokens) for batch in micro_batches[:-1]), initial=0))
     if len(micro_batches) == 1:
-        outputs = engine(*_to_device(micro_batches[0], device, media_dtype))
-        loss, metrics = loss_fn(_with_valid(outputs, micro_batches, device))
+        rows.place(0)
+        batch = materialize(micro_batches[0])  # images the loader left encoded: decoded on the device now
+        outputs = engine(*_to_device(batch, device, media_dtype))
+        loss, metrics = loss_fn(_with_valid(outputs, [batch], device))
         engine.backward(loss)
         return loss.detach(), metrics
 
-    # 1. outputs of every micro-batch, without activations
-    cached, rng_before = [], []
+    # 1. outputs of every micro-batch, without activations, written into one buffer per output for the
+    # whole batch (joining per-micro-batch copies afterwards would hold the batch's features twice)
+    # images the loader left encoded (data.decode=gpu) are decoded on the device in each pass, so the step
+    # holds its micro-batches as JPEG bytes, not pixels; decoding is deterministic, so both passes agree
+    combined, rng_before, decoded = {}, [], []
+    total_rows = firsts[-1] + len(micro_batches[-1].tokens)
     with torch.no_grad():
-        for batch in micro_batches:
+        for batch, first in zip(micro_batches, firsts):
             rng_before.append(rng_state())
+            rows.place(first)
+            batch = materialize(batch)
             outputs = engine(*_to_device(batch, device, media_dtype))
-            # fp32 leaves: the loss is computed in fp32, and fp16 output gradients could underflow
-            cached.append({k: v.detach().float().requires_grad_() for k, v in outputs.items()
-                           if isinstance(v, torch.Tensor) and v.is_floating_point()})
+            _cache_outputs(combined, outputs, first, len(batch.tokens), total_rows)
+            decoded.append(batch._replace(media=None))  # its `valid` rows, which decoding may have changed
     rng_after = rng_state()
 
     # 2. the loss over the whole accumulated batch, and its gradient w.r.t. the cached outputs
-    combined = {
-        key: cached[0][key] if key in SHARED_OUTPUTS else torch.cat([part[key] for part in cached])
-        for key in cached[0]
-    }
-    loss, metrics = loss_fn(_with_valid(combined, micro_batches, device))
+    for value in combined.values():
+        value.requires_grad_()
+    loss, metrics = loss_fn(_with_valid(combined, decoded, device))
     loss.backward()
-    output_grads = [{k: v.grad for k, v in part.items() if v.grad is not None} for part in cached]
+    loss = loss.detach()  # drops the loss's graph, the last holder of the cached outputs but `combined`
+    grads = {key: value.grad for key, value in combined.items() if value.grad is not None}
+    del combined  # only the gradients are needed from here on: the replay runs without the features
+    # each micro-batch's rows of the gradients (views); a shared output's gradient goes to the first alone,
+    # whose replayed forward stands for the whole batch's use of it
+    output_grads = [
+        {key: grad if key in SHARED_OUTPUTS else grad[first:first + len(batch.tokens)]
+         for key, grad in grads.items() if index == 0 or key not in SHARED_OUTPUTS}
+        for index, (batch, first) in enumerate(zip(micro_batches, firsts))
+    ]
 
     # 3. replay each micro-batch with grad and push the output gradients through it
     for index, batch in enumerate(micro_batches):
         set_rng_state(rng_before[index])
-        outputs = engine(*_to_device(batch, device, media_dtype))
+        rows.place(firsts[index])
+        outputs = engine(*_to_device(materialize(batch), device, media_dtype))
         surrogate = sum((outputs[key].float() * grad).sum() for key, grad in output_grads[index].items())
         # the cached gradient already is the gradient of the whole batch's loss: no 1/accum scaling
         engine.backward(surrogate, scale_wrt_gas=False)
         if index < len(micro_batches) - 1:
             engine.step()  # advances DeepSpeed's micro-step; no optimizer step before the boundary
     set_rng_state(rng_after)
-    return loss.detach(), metrics
+    return loss, metrics
 
 
 def train_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype,

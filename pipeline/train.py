@@ -99,8 +99,9 @@ def _append_keys(path: Path, step: int, keys: list[str]) -> None:
         handle.write(json.dumps({"step": step, "keys": keys}) + "\n")
 
 
-def build_engine_for(cfg, dist, micro: int) -> tuple[Any, Any, str, bool]:
-    """(engine, scheduler, resolved precision, compiled): the same init on every rank."""
+def build_engine_for(cfg, dist, micro: int, load_universal: bool = False) -> tuple[Any, Any, str, bool]:
+    """(engine, scheduler, resolved precision, compiled): the same init on every rank. `load_universal`: built to
+    load a checkpoint of another world size (CheckpointManager.loads_universal)."""
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model)
     precision = resolve_precision(cfg.train.precision)
@@ -112,7 +113,7 @@ def build_engine_for(cfg, dist, micro: int) -> tuple[Any, Any, str, bool]:
     ds_config = deepspeed_config(
         micro_batch_size=micro, accum_steps=cfg.train.accum_steps, world_size=dist.world_size,
         zero_stage=cfg.train.zero_stage, precision=precision, grad_clip=cfg.optim.grad_clip,
-        log_every=cfg.train.log_every,
+        log_every=cfg.train.log_every, load_universal=load_universal,
     )
     engine = build_engine(model, optimizer, scheduler, ds_config)
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank)  # each rank its own dropout stream
@@ -127,6 +128,9 @@ def build_loaders(cfg, dist, micro: int):
                   image_size=image_size(cfg.model), device=dist.device)
     loader = build_loader(data_cfg, data_cfg.train_urls, media_transform=media_transform(cfg.model, True),
                           train=True, **common)
+    # GradCache holds a step's micro-batches through two passes: with data.decode=gpu as JPEG bytes, decoded
+    # on the device in each pass (pipeline.step), not as pixels
+    loader.defer_decode = cfg.train.accum_steps > 1
     if not data_cfg.val_urls:
         return loader, None, None, tokenizer
     eval_loader = build_loader(dataclasses.replace(data_cfg, batch_size=cfg.eval.batch_size), data_cfg.val_urls,
@@ -167,7 +171,8 @@ def train(cfg) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
 
-    engine, scheduler, precision, compiled = build_engine_for(cfg, dist, micro)
+    # a checkpoint of another world size (ZeRO 1-3) loads through DeepSpeed's universal checkpoint
+    engine, scheduler, precision, compiled = build_engine_for(cfg, dist, micro, checkpoints.loads_universal)
     loader, eval_loader, classes, tokenizer = build_loaders(cfg, dist, micro)
     loss_fn = build_loss(cfg.loss, dist.rank, dist.world_size)
     state = TrainState(loader, dist.world_size, run_config=to_dict(cfg))

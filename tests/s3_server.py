@@ -10,12 +10,23 @@
 
 `storage_options` is what fsspec/s3fs take (`fsspec.open(url, **storage_options)`); the same
 values as CLI flags are `cli_storage_options()`.
+
+    server = start_s3_server(count_requests=True)
+    server.requests.clear()
+    ...                                           # whatever reads from it, in any process
+    server.requests.count("GET", "/bucket/data/sizes.json")   # requests of that method and path
+
+The count is a WSGI middleware around moto's own application (werkzeug's server calls `server.app`
+for every request), so it sees every request the server answers, from this process or another one.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
+import urllib.parse
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +40,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class RequestLog:
+    """WSGI middleware: counts the requests (method, path) its application answers; thread-safe."""
+
+    def __init__(self, app):
+        self.app = app
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def __call__(self, environ, start_response):
+        path = urllib.parse.unquote(environ.get("PATH_INFO", ""))
+        prefix = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("prefix")
+        if prefix:  # a listing: which prefix it lists tells whose it is
+            path += f"?prefix={prefix[0]}"
+        with self._lock:
+            self._counts[(environ["REQUEST_METHOD"], path)] += 1
+        return self.app(environ, start_response)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counts.clear()
+
+    def count(self, method: str | None = None, path: str | None = None, *, suffix: str | None = None) -> int:
+        """Requests with this method (None: any) and this path (None: any), or a path ending in `suffix`."""
+        with self._lock:
+            return sum(n for (m, p), n in self._counts.items() if (method is None or m == method)
+                       and (path is None or p == path) and (suffix is None or p.endswith(suffix)))
+
+    def paths(self, method: str | None = None) -> Counter[str]:
+        """Requests per path (of one method, or all)."""
+        with self._lock:
+            result: Counter[str] = Counter()
+            for (m, p), n in self._counts.items():
+                if method is None or m == method:
+                    result[p] += n
+            return result
+
+
 @dataclass
 class S3Server:
     endpoint: str
     """http://127.0.0.1:PORT"""
     server: Any
     """the moto ThreadedMotoServer"""
+    requests: RequestLog | None = None
+    """the requests answered, when started with count_requests=True"""
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -62,8 +112,9 @@ class S3Server:
         self.server.stop()
 
 
-def start_s3_server(timeout: float = 20.0) -> S3Server:
-    """Start moto's S3 server on loopback and wait until it answers."""
+def start_s3_server(timeout: float = 20.0, count_requests: bool = False) -> S3Server:
+    """Start moto's S3 server on loopback and wait until it answers; with `count_requests`, every request
+    it answers is counted in `S3Server.requests`."""
     import logging
     import time
 
@@ -73,6 +124,9 @@ def start_s3_server(timeout: float = 20.0) -> S3Server:
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
+    requests = None
+    if count_requests:  # werkzeug's server hands every request to its `app`: wrap moto's application
+        requests = server._server.app = RequestLog(server._server.app)
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
@@ -84,4 +138,4 @@ def start_s3_server(timeout: float = 20.0) -> S3Server:
                 server.stop()
                 raise TimeoutError(f"moto S3 server on {endpoint} did not answer in {timeout:.0f} s") from None
             time.sleep(0.1)
-    return S3Server(endpoint, server)
+    return S3Server(endpoint, server, requests)

@@ -162,3 +162,23 @@ def test_training_streams_run_on_into_the_next_epoch(dataset, workers):
     loader.set_epoch(0)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batches_consumed": 3})
     assert_same_batches(read_all(loader), first[3:])
+
+
+def test_deferred_batches_decode_the_same_every_time_and_count_once(tmp_path):
+    """GradCache with data.decode=gpu holds encoded micro-batches; each pass decodes them (materialize)."""
+    from pipeline.data import DeferredImages, materialize
+
+    paths = write_dataset(tmp_path, [8])
+    broken = photo_jpeg(3, 24, 24)[:200] + bytes(range(256)) * 4
+    rewrite_tar(paths[0], lambda key, files: {**files, "jpg": broken} if key.endswith("0003") else files)
+    eager = read_all(gpu_loader(tmp_path, shuffle_buffer=0, workers=1))
+    loader = gpu_loader(tmp_path, shuffle_buffer=0, workers=1)
+    loader.defer_decode = True
+    deferred = read_all(loader)
+    assert all(isinstance(batch.media, DeferredImages) for batch in deferred)
+    for lazy, batch in zip(deferred, eager):
+        first, second = materialize(lazy), materialize(lazy)
+        for decoded in (first, second):
+            assert torch.equal(decoded.media, batch.media) and torch.equal(decoded.valid, batch.valid)
+            assert decoded.keys == batch.keys
+    assert loader.stats["skipped_corrupt_media"] == 1 and loader.stats["samples_read"] == 7
