@@ -42,6 +42,10 @@ class TrainConfig:
     compile: str = "auto"
     """torch.compile each transformer block: 'auto' (on with CUDA at ZeRO 0-2, off on CPU and at ZeRO-3,
     where DeepSpeed's parameter hooks break graphs), 'on' or 'off'. Compile time is logged apart."""
+    tf32: bool = True
+    """On CUDA, let fp32 matmuls and convolutions use TF32 tensor cores (as open_clip's trainer does): the
+    fp32 logits of the loss, which dominate the step at very large contrastive batches, run several times
+    faster; false keeps full fp32 there."""
     overwrite: bool = False
     """Allow a fresh run (train.resume=none) into a run directory that already holds checkpoints, which are
     then deleted. Off: such a start is refused, so a forgotten resume flag never loses a run."""

@@ -33,6 +33,7 @@ from pipeline.evaluate import evaluate, read_classes
 from pipeline.flops import model_flops_and_peak
 from pipeline.losses import build_loss
 from pipeline.metrics import MetricsLogger, truncate_after
+from pipeline.mixture import read_manifest
 from pipeline.models import build_model, get_tokenizer, image_size, media_transform
 from pipeline.optim import build_optimizer, lr_factor
 from pipeline.parallelize import (
@@ -66,9 +67,11 @@ def validate(cfg, world_size: int) -> int:
     reads_data = int(distributed.launcher_environment()["RANK"]) == 0
     for key in ("train_urls", "val_urls"):
         urls = getattr(cfg.data, key)
+        if key == "train_urls" and cfg.data.mixture:  # the manifest's sources, as the loader joins them
+            key, urls = "mixture", "::".join(s.urls for s in read_manifest(cfg.data.mixture, cfg.data.storage_options))
         if not urls:
             if key == "train_urls":
-                raise ConfigError("data.train_urls is empty: set it to the training shards")
+                raise ConfigError("data.train_urls is empty: set it to the training shards (or data.mixture)")
             continue
         if not reads_data:
             continue
@@ -103,6 +106,8 @@ def build_engine_for(cfg, dist, micro: int, load_universal: bool = False) -> tup
     """(engine, scheduler, resolved precision, compiled): the same init on every rank. `load_universal`: built to
     load a checkpoint of another world size (CheckpointManager.loads_universal)."""
     seed_everything(cfg.train.seed)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     model = build_model(cfg.model)
     precision = resolve_precision(cfg.train.precision)
     compiled = should_compile(cfg.train.compile, dist.device, cfg.train.zero_stage)

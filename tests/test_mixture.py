@@ -113,3 +113,17 @@ def test_mixture_excludes_train_urls_and_resampling(sources):
         DataConfig(mixture="mix.yaml", resampled=True)
     with pytest.raises(ConfigError, match="not found"):
         loader(str(sources / "absent.yaml"))
+
+
+def test_the_trainer_accepts_a_mixture_instead_of_train_urls(sources):
+    from pipeline.config import RunConfig, load_config
+    from pipeline.train import validate
+
+    path = manifest(sources, SHARES)
+    cfg = load_config(RunConfig, "configs/demo-clip.yaml", [f"data.mixture={path}", "data.train_urls=",
+                                                             "data.val_urls=", "train.global_batch_size=8"])
+    assert validate(cfg, 1) == 8
+    cfg = load_config(RunConfig, "configs/demo-clip.yaml", [f"data.mixture={sources / 'absent.yaml'}",
+                                                            "data.train_urls=", "data.val_urls="])
+    with pytest.raises(ConfigError, match="absent.yaml"):
+        validate(cfg, 1)
