@@ -24,14 +24,25 @@ save is removed only by the manager that started it. Anything else found there i
 Resume: `plan_start` decides on rank 0, for every rank, what to start from: train.resume=auto takes
 the newest complete checkpoint whose files all open, skipping (with a warning naming the file) any
 that do not; an explicitly named checkpoint that is missing or unreadable is a ConfigError. It also
-compares the checkpoint's saved run config with this run's (RESUME_KEYS, world size) and names every
-difference, all before config.yaml is written or an engine is built.
+compares the checkpoint's saved run config with this run's (RESUME_KEYS) and names every difference, all
+before config.yaml is written or an engine is built.
+
+Elastic resume: a checkpoint written by W ranks resumes on W' ranks. At ZeRO-0 DeepSpeed's files are whole
+(mp_rank_00_model_states.pt holds the model and the optimizer) and load at any world size as they are. At
+ZeRO 1-3 each rank's file holds its partition for W ranks: `load` converts the checkpoint once with DeepSpeed's
+universal checkpoint converter (deepspeed.checkpoint.ds_to_universal, per parameter: weights and optimizer
+moments, whole), keeps the result as `<tag>-universal/` (beside the tag in our own local checkpoint directory,
+removed with it; else in the staging directory) and reuses it on the next resume; the engine is built with
+DeepSpeed's `checkpoint.load_universal` (`plan_start` says so before the engine is built: `loads_universal`).
+We call DeepSpeed's converter rather than re-partitioning ourselves: its layout follows DeepSpeed's own
+partitioning from version to version. Every rank r reads trainer_state_rank{r mod W}.pt (the data position is
+the same in each); see `load` for the random state.
 
 `load_model_from_run(run_dir)` turns a run's latest checkpoint (any ZeRO stage, local or remote)
 into a ContrastiveModel on CPU, for evaluation and export.
 
-Size: ~730 lines, one module for everything that reads or writes a checkpoint directory (save, prune,
-load, the start plan, the resume and readability checks, consolidation): the atomicity and "never
+Size: ~920 lines, one module for everything that reads or writes a checkpoint directory (save, prune,
+load, the start plan, the resume and readability checks, universal conversion, consolidation): the atomicity and "never
 delete what this run did not write" rules span all of them and are easiest to audit in one place.
 """
 
@@ -44,7 +55,10 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -88,15 +102,22 @@ LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
 TRAINER_STATE_PATTERN = re.compile(r"^trainer_state_rank(\d+)\.pt$")
+# `<tag>-universal/`: DeepSpeed's universal form of checkpoint `<tag>` (for a resume at another world size), as
+# a DeepSpeed checkpoint directory of its own: `<tag>/` and `latest_universal`, plus `source` naming what it
+# was converted from; it exists only once complete (converted under a temp name, then renamed)
+UNIVERSAL_SUFFIX = "-universal"
+UNIVERSAL_SOURCE = "source"
 
 # Run settings a resume must keep, as dotted RunConfig keys: they shape the parameters (model), how
 # DeepSpeed partitions and stores the optimizer (ZeRO stage, precision), or the data plan whose
-# position the checkpoint holds (epoch order from seed, world size, workers; batches per step).
-# Everything else (learning rate, steps, logging, evaluation, storage settings) may change on resume.
+# position the checkpoint holds (epoch order from seed, sources, shuffle; batches per step). The world size
+# and data.workers may change: the checkpoint is converted (universal checkpoint) and the loader lays the
+# rest of the epoch over the new streams (pipeline.data, elastic resume). Everything else (learning rate,
+# steps, logging, evaluation, storage settings) may change on resume.
 RESUME_KEYS = (
     "model.name", "model.modality", "model.probabilistic", "model.logit_bias", "model.audio",
     "train.zero_stage", "train.precision", "train.global_batch_size", "train.accum_steps", "train.seed",
-    "data.train_urls", "data.weights", "data.modality", "data.workers", "data.shuffle_buffer", "data.resampled",
+    "data.train_urls", "data.mixture", "data.weights", "data.modality", "data.shuffle_buffer", "data.resampled",
     "data.epoch_samples",
 )
 
@@ -196,15 +217,11 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
 _MISSING = object()
 
 
-def check_resume_compatible(trainer_state: dict[str, Any], run_config: dict[str, Any] | None, world_size: int,
-                            source: str) -> None:
-    """ConfigError naming every setting in which this run (`run_config`, a RunConfig as a dict, and
-    `world_size`) differs from the run that saved `trainer_state` where resuming needs them equal
-    (RESUME_KEYS); keys the checkpoint does not record are not compared."""
+def check_resume_compatible(trainer_state: dict[str, Any], run_config: dict[str, Any] | None, source: str) -> None:
+    """ConfigError naming every setting in which this run (`run_config`, a RunConfig as a dict) differs from
+    the run that saved `trainer_state` where resuming needs them equal (RESUME_KEYS); keys the checkpoint does
+    not record are not compared. The world size may differ (elastic resume, see the module docstring)."""
     differences = []
-    saved_world = trainer_state.get("world_size")
-    if saved_world is not None and saved_world != world_size:
-        differences.append(f"world size {saved_world} in the checkpoint, {world_size} now")
     saved_config = trainer_state.get("config")
     if saved_config and run_config:
         for key in RESUME_KEYS:
@@ -214,8 +231,6 @@ def check_resume_compatible(trainer_state: dict[str, Any], run_config: dict[str,
     if not differences:
         return
     advice = "resume with the checkpoint's settings, or start a new run (another train.name)"
-    if saved_world is not None and saved_world != world_size:
-        advice += "; changing the world size needs DeepSpeed's universal checkpoint conversion (ds_to_universal.py)"
     raise ConfigError(f"cannot resume from '{source}': {'; '.join(differences)}: {advice}")
 
 
@@ -299,6 +314,9 @@ class CheckpointManager:
         self._started: set[str] = set()
         self._continues = False
         self._left_alone: set[str] = set()
+        # what plan_start found: the checkpoint's world size and ZeRO stage (None: not resuming, or not recorded)
+        self.saved_world_size: int | None = None
+        self.saved_zero_stage: int | None = None
 
     # -- where things are -------------------------------------------------------------------------
     def _fs(self, url: str):
@@ -492,21 +510,43 @@ class CheckpointManager:
         - train.resume=none (or a checkpoint outside our directory): our checkpoint directory must hold no
           checkpoints, or `overwrite` deletes them; else ConfigError (`check_fresh_start`).
         - 'auto' / a named checkpoint: as `resolve`. 'auto' with nothing ever committed here starts afresh.
-        - resuming: ConfigError naming every setting of `run_config` (RunConfig as a dict) or the world size
-          that differs from the checkpoint's (`check_resume_compatible`).
+        - resuming: ConfigError naming every setting of `run_config` (RunConfig as a dict) that differs from the
+          checkpoint's (`check_resume_compatible`). Another world size is fine: see `loads_universal`.
         Decided on rank 0 (ConfigErrors included); every rank gets the same answer."""
-        source = self._agreed(self._plan_here, resume, overwrite, run_config)
+        source, self.saved_world_size, self.saved_zero_stage = self._agreed(self._plan_here, resume, overwrite,
+                                                                            run_config)
         self._note_continuation(resume, source)
         return source
 
-    def _plan_here(self, resume: str, overwrite: bool, run_config: dict[str, Any] | None) -> str | None:
+    @property
+    def loads_universal(self) -> bool:
+        """Whether the engine that loads the planned checkpoint must be built with DeepSpeed's
+        `checkpoint.load_universal` (parallelize.deepspeed_config(load_universal=...)): the checkpoint was written
+        at another world size under ZeRO 1-3, so `load` converts it (ZeRO-0 files load at any world size)."""
+        return (self.saved_world_size is not None and self.saved_world_size != self.world_size
+                and self.saved_zero_stage != 0)
+
+    def _plan_here(self, resume: str, overwrite: bool,
+                   run_config: dict[str, Any] | None) -> tuple[str | None, int | None, int | None]:
+        """(source, its world size, its ZeRO stage) on this process alone: no collective."""
         source = self._resolve_here(resume)
         if resume == "none" or (source is not None and not self._is_ours(self._locate(source)[0])):
             self.check_fresh_start(overwrite)
-        if source is not None:
-            trainer_state = self.read_trainer_state(source)
-            check_resume_compatible(trainer_state, run_config, self.world_size, source)
-        return source
+        if source is None:
+            return None, None, None
+        trainer_state = self.read_trainer_state(source)
+        check_resume_compatible(trainer_state, run_config, source)
+        root, tag = self._locate(source)
+        saved_stage = None if is_remote(root) else _saved_zero_stage(Path(root) / tag)
+        if saved_stage is None:
+            saved_stage = _recorded_zero_stage(trainer_state)
+        saved_world = _world_size_of(trainer_state)
+        if saved_world != self.world_size and saved_stage is None:
+            raise ConfigError(
+                f"cannot resume from '{source}' on {self.world_size} ranks: it was written by {saved_world} ranks "
+                "and records no ZeRO stage, so it cannot be converted; resume with its world size"
+            )
+        return source, saved_world, saved_stage
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, engine, step: int, trainer_state: dict[str, Any]) -> str:
@@ -557,7 +597,7 @@ class CheckpointManager:
             torch.save(trainer_state, root / tmp_tag / _trainer_state_name(self.rank))
             distributed.barrier()  # every rank's files are in the temp dir
             if self.rank == 0:
-                shutil.rmtree(root / tag, ignore_errors=True)
+                self._remove(tag)  # with any universal conversion of what was there before
                 os.replace(root / tmp_tag, root / tag)
         distributed.barrier()
         if self.rank == 0:
@@ -592,6 +632,8 @@ class CheckpointManager:
             Path(tmp).unlink(missing_ok=True)
 
     def _remove(self, name: str) -> None:
+        if TAG_PATTERN.match(name):
+            self._remove_universal(name)
         if self.remote:
             fs, path = self._fs(self._join(name))
             if fs.exists(path):
@@ -608,7 +650,13 @@ class CheckpointManager:
             return True
         fs, base = self._fs(self._join(tag))
         names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(base, detail=False)}
-        return all(_trainer_state_name(rank) in names for rank in range(self.world_size))
+        if all(_trainer_state_name(rank) in names for rank in range(self.world_size)):
+            return True
+        # written at another world size (before an elastic resume): that many trainer states
+        if _trainer_state_name(0) not in names:
+            return False
+        saved_world = _world_size_of(self.read_trainer_state(tag))
+        return all(_trainer_state_name(rank) in names for rank in range(saved_world))
 
     def _prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints of this run; remove this run's unfinished saves.
@@ -650,9 +698,46 @@ class CheckpointManager:
         return str(local_root)
 
     def load(self, engine, tag_or_path: str) -> dict[str, Any]:
-        """Restore engine + this rank's trainer state from what `resolve` / `plan_start` returned."""
+        """Restore engine + this rank's trainer state from what `resolve` / `plan_start` returned.
+
+        At the checkpoint's world size W every rank restores exactly what it saved. At another world size W'
+        (elastic resume) rank r reads trainer_state_rank{r mod W}.pt: its step, samples seen and data position
+        are those of every rank (the loader re-lays the rest of the epoch over W' ranks). Random state is per
+        rank, so its continuity is exact only at equal world size: ranks r < W continue their own generators,
+        ranks r >= W (which have none) draw from generators seeded from (train.seed, step, r), so that no two
+        ranks share a dropout stream. At ZeRO 1-3 the engine must have been built with `load_universal`
+        (`loads_universal` after `plan_start`): the checkpoint is converted once (`_universal_checkpoint`)."""
         root, tag = self._locate(tag_or_path)
         where = f"{root.rstrip('/')}/{tag}"
+        saved_world = _world_size_of(self.read_trainer_state(tag_or_path))
+        stage = engine.zero_optimization_stage()
+        if saved_world != self.world_size and stage > 0:
+            trainer_state = self._load_elastic(engine, root, tag, where, saved_world)
+        else:
+            trainer_state = self._load_as_saved(engine, root, tag, where, self.rank % saved_world)
+        if self.rank >= saved_world:
+            seed = _lookup(trainer_state, "config.train.seed")
+            seed_everything(int(np.random.SeedSequence(
+                [0 if seed is _MISSING else int(seed), int(trainer_state.get("step", 0)), self.rank]
+            ).generate_state(1)[0]))
+            trainer_state = {**trainer_state, "rng": rng_state()}
+        if self._is_ours(root):
+            self._continues = True
+        return trainer_state
+
+    def _check_stage(self, engine, saved_stage: int | None, where: str) -> None:
+        # a stage mismatch fails inside DeepSpeed with an unrelated message ("'NoneType' object has no
+        # attribute 'copy'", a bare AssertionError, a missing file): say what it is
+        stage = engine.zero_optimization_stage()
+        if saved_stage is not None and saved_stage != stage:
+            raise ConfigError(
+                f"cannot resume from '{where}': it was written at ZeRO stage {saved_stage}, this run uses "
+                f"train.zero_stage={stage}: resume with train.zero_stage={saved_stage} (changing the stage needs "
+                "DeepSpeed's universal checkpoint conversion, ds_to_universal.py)"
+            )
+
+    def _load_as_saved(self, engine, root: str, tag: str, where: str, state_rank: int) -> dict[str, Any]:
+        """DeepSpeed's files as they are (same world size, or ZeRO-0 at any) + trainer_state_rank{state_rank}."""
         if is_remote(root):
             local_root = self.staging / "download"
             shutil.rmtree(local_root, ignore_errors=True)
@@ -660,28 +745,142 @@ class CheckpointManager:
             problem = _local_problem(Path(root) / tag)  # the remote check could not open the files
             if problem is not None:
                 raise ConfigError(f"cannot resume from checkpoint '{where}': {problem}")
-        state_path = Path(root) / tag / _trainer_state_name(self.rank)
+        state_path = Path(root) / tag / _trainer_state_name(state_rank)
         if not state_path.is_file():
             raise ConfigError(f"cannot resume from checkpoint '{where}': it has no {state_path.name}")
         trainer_state = torch.load(state_path, map_location="cpu", weights_only=False)
-        check_resume_compatible({"world_size": trainer_state.get("world_size")}, None, self.world_size, where)
-        # a stage mismatch fails inside DeepSpeed with an unrelated message ("'NoneType' object has no
-        # attribute 'copy'", a bare AssertionError, a missing file): say what it is
-        saved_stage, stage = _saved_zero_stage(Path(root) / tag), engine.zero_optimization_stage()
-        if saved_stage is not None and saved_stage != stage:
-            raise ConfigError(
-                f"cannot resume from '{where}': it was written at ZeRO stage {saved_stage}, this run uses "
-                f"train.zero_stage={stage}: resume with train.zero_stage={saved_stage} (changing the stage needs "
-                "DeepSpeed's universal checkpoint conversion, ds_to_universal.py)"
-            )
+        self._check_stage(engine, _saved_zero_stage(Path(root) / tag), where)
         load_path, _ = engine.load_checkpoint(
             root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise ConfigError(f"DeepSpeed found no checkpoint to load in '{where}'")
-        if self._is_ours(self._locate(tag_or_path)[0]):
-            self._continues = True
         return trainer_state
+
+    def _load_elastic(self, engine, root: str, tag: str, where: str, saved_world: int) -> dict[str, Any]:
+        """ZeRO 1-3 at another world size: through DeepSpeed's universal checkpoint."""
+        state_rank = self.rank % saved_world
+        trainer_state = self.read_trainer_state(self._source_name(root, tag), state_rank)
+        saved_stage = None if is_remote(root) else _saved_zero_stage(Path(root) / tag)
+        if saved_stage is None:
+            saved_stage = _recorded_zero_stage(trainer_state)
+        self._check_stage(engine, saved_stage, where)
+        if not engine.load_universal_checkpoint():
+            raise ConfigError(
+                f"cannot resume from '{where}' on {self.world_size} ranks: it was written by {saved_world} ranks at "
+                f"ZeRO stage {engine.zero_optimization_stage()}, and the engine was not built to load DeepSpeed's "
+                "universal checkpoint (deepspeed_config(load_universal=CheckpointManager.loads_universal))"
+            )
+        universal_root = self._universal_checkpoint(root, tag, where, saved_world)
+        load_path, _ = engine.load_checkpoint(
+            str(universal_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed found no universal checkpoint to load in '{universal_root}'")
+        log.info("checkpoint: resumed %s (written by %d ranks) on %d ranks through %s", where, saved_world,
+                 self.world_size, universal_root)
+        return trainer_state
+
+    # -- universal checkpoints (elastic resume) ---------------------------------------------------
+    def _universal_home(self, root: str) -> tuple[Path, bool]:
+        """(where `<tag>-universal/` of a checkpoint in `root` is kept, whether every rank sees that place).
+        Beside the tag in our own local checkpoint directory, which every rank shares (they all save into it);
+        else (a remote checkpoint, or another run's directory, which we never write into) in the staging
+        directory, which may be local to each node."""
+        if not is_remote(root) and self._is_ours(root):
+            return Path(root), True
+        return self.staging.parent, False
+
+    def _universal_checkpoint(self, root: str, tag: str, where: str, saved_world: int) -> Path:
+        """The directory holding the universal form of `where` (`<tag>/` and `latest_universal`), converted
+        once: by rank 0 where every rank sees it, else by the first rank of each node; the rest wait. A
+        complete conversion of the same checkpoint found there is reused."""
+        home, shared = self._universal_home(root)
+        target = home / f"{tag}{UNIVERSAL_SUFFIX}"
+        converts = self.rank == 0 if shared else int(os.environ.get("LOCAL_RANK", self.rank)) == 0
+        failure = None
+        if converts and not _universal_complete(target, where):
+            try:
+                self._convert_to_universal(root, tag, where, target, saved_world)
+            except Exception as error:  # reported on every rank below: the others must not wait forever
+                failure = f"{type(error).__name__}: {_one_line(error, 600)}"
+        failures = [failure]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            failures = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(failures, failure)
+        failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+        if failed:
+            rank, text = failed[0]
+            raise ConfigError(
+                f"cannot resume from '{where}' (written by {saved_world} ranks) on {self.world_size} ranks: converting "
+                f"it to DeepSpeed's universal checkpoint failed on rank {rank}: {text}; resume with {saved_world} ranks"
+            )
+        if not _universal_complete(target, where):
+            raise ConfigError(f"the universal checkpoint '{target}' of '{where}' is not visible on rank {self.rank}: "
+                              "set checkpoint.staging_dir to a directory every rank of a node shares")
+        return target
+
+    def _convert_to_universal(self, root: str, tag: str, where: str, target: Path, saved_world: int) -> None:
+        """Run DeepSpeed's converter (a child process: its output stays out of ours, and its worker pool out of
+        a process holding a process group) into a temp directory, then rename it to `target`."""
+        started = time.perf_counter()
+        downloaded = None
+        if is_remote(root):
+            downloaded = self.staging / "download"
+            shutil.rmtree(downloaded, ignore_errors=True)
+            self.download(tag, downloaded, root=root)
+            problem = _local_problem(downloaded / tag)
+            if problem is not None:
+                raise ConfigError(f"cannot resume from checkpoint '{where}': {problem}")
+            source_dir = downloaded / tag
+        else:
+            source_dir = Path(root) / tag
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        workers = max(1, min(4, (os.cpu_count() or 1) // 2))
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source_dir),
+            "--output_folder", str(scratch / tag), "--num_extract_workers", str(workers),
+            "--num_merge_workers", str(max(1, workers // 2)),
+            # our checkpoints carry no Megatron-style partitioning metadata: the converter's defaults fit them
+            "--inject_missing_state",
+        ]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+                raise RuntimeError(f"ds_to_universal exited with {result.returncode}: {' | '.join(lines[-3:])}")
+            (scratch / UNIVERSAL_SOURCE).write_text(where)
+            shutil.rmtree(target, ignore_errors=True)  # a conversion of another checkpoint under this tag
+            try:
+                os.replace(scratch, target)
+            except OSError:
+                if not _universal_complete(target, where):  # else: another node's identical conversion won
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if downloaded is not None:
+                shutil.rmtree(downloaded, ignore_errors=True)
+        log.warning("checkpoint: converted %s (written by %d ranks) to DeepSpeed's universal checkpoint %s for %d "
+                    "ranks in %.1f s; later resumes reuse it", where, saved_world, target, self.world_size,
+                    time.perf_counter() - started)
+
+    def _remove_universal(self, tag: str) -> None:
+        """Remove the universal conversion of our checkpoint `tag` (it is being removed or rewritten): the one
+        beside it, or the one in the staging directory if it was converted from this checkpoint (the staging
+        directory may hold one of another run's checkpoint of the same tag)."""
+        if not self.remote:
+            shutil.rmtree(Path(self.url) / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+        staged = self.staging.parent / f"{tag}{UNIVERSAL_SUFFIX}"
+        if _universal_complete(staged, self._join(tag)):
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+def _universal_complete(target: Path, where: str) -> bool:
+    """Whether `target` is a finished universal conversion of the checkpoint at `where`."""
+    source = target / UNIVERSAL_SOURCE
+    return (target / "latest_universal").is_file() and source.is_file() and source.read_text() == where
 
 
 def _local_problem(tag_dir: Path) -> str | None:

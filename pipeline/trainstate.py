@@ -8,6 +8,12 @@ The step and samples seen, the data position (the loader's epoch and batches con
 re-derives the rest), every RNG the run draws from (python, numpy, torch, CUDA), and what wrote the
 checkpoint (world size, the resolved config), which a resume is checked against before anything is
 written (pipeline.checkpoint.check_resume_compatible). Layer 2, beside the checkpoint it fills.
+
+Elastic resume (W ranks saved, W' resume): rank r loads rank (r mod W)'s state. The step, samples seen and
+data position are the same on every rank, so nothing is lost; the loader lays the rest of the epoch over the
+W' ranks. The random state is per rank, so RNG continuity is exact only at equal world size: ranks r < W
+continue their own generators, ranks r >= W start generators seeded from (train.seed, step, r)
+(pipeline.checkpoint.CheckpointManager.load).
 """
 
 from __future__ import annotations
