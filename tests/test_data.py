@@ -116,6 +116,18 @@ def test_same_seed_same_batches_next_epoch_differs(dataset):
     assert [b.keys for b in other_seed] != [b.keys for b in first]
 
 
+def assert_resumes_exactly(make, k: int):
+    """A loader from `make()` stopped after k batches and a new one resumed from its state yield exactly the
+    batches of an uninterrupted one; returns the interrupted loader."""
+    full = read_all(make())
+    interrupted = make()
+    head = read_all(interrupted, limit=k)
+    resumed = make()
+    resumed.load_state_dict(interrupted.state_dict())
+    assert_same_batches(head + read_all(resumed), full)
+    return interrupted
+
+
 def resume_matches(dataset, k, **overrides):
     full = read_all(make_loader(dataset, **overrides))
     loader = make_loader(dataset, **overrides)

@@ -13,7 +13,14 @@ from PIL import Image
 from pipeline import imagedecode
 from pipeline.errors import ConfigError
 from tests.data_fixtures import rewrite_tar, write_dataset
-from tests.test_data import assert_same_batches, image_transform, make_loader, read_all, tokenizer
+from tests.test_data import (
+    assert_resumes_exactly,
+    assert_same_batches,
+    image_transform,
+    make_loader,
+    read_all,
+    tokenizer,
+)
 
 SIZES = [8, 12, 4, 16, 8]  # 48 samples
 
@@ -81,12 +88,7 @@ def test_crop_is_the_pil_paths_crop_on_a_photo():
 
 
 def test_exact_resume_with_device_decoding(dataset):
-    full = read_all(gpu_loader(dataset))
-    loader = gpu_loader(dataset)
-    head = read_all(loader, limit=5)
-    resumed = gpu_loader(dataset)
-    resumed.load_state_dict(loader.state_dict())
-    assert_same_batches(head + read_all(resumed), full)
+    assert_resumes_exactly(lambda: gpu_loader(dataset), 5)
 
 
 def test_png_and_cmyk_fall_back_to_the_cpu_path_and_are_counted(tmp_path):
