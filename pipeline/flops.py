@@ -76,8 +76,10 @@ def tower_flops(model_cfg) -> dict[str, int]:
         patch = vision.get("patch_size", 16)
         grid = (height // patch) * (width_px // patch)
         width = vision.get("width", 768)
+        # patch dropout (a training forward) leaves the blocks the kept patches and the class token
+        kept = max(1, int(grid * (1 - getattr(model_cfg, "patch_dropout", 0.0))))
         media = (2 * grid * 3 * patch * patch * width  # patch embedding: a stride-p convolution
-                 + transformer_flops(grid + 1, width, vision.get("layers", 12), vision.get("mlp_ratio", 4.0))
+                 + transformer_flops(kept + 1, width, vision.get("layers", 12), vision.get("mlp_ratio", 4.0))
                  + 2 * width * embed_dim)  # projection of the class token
     text_width = text.get("width", 512)
     text_flops = (transformer_flops(text.get("context_length", 77), text_width, text.get("layers", 12),

@@ -167,3 +167,12 @@ def test_gradcache_gradients_equal_one_pass_over_the_whole_batch_with_the_same_m
         # the masks matter, and they follow the step's seed: otherwise this test could not fail
         assert _worst(runs["other_seed"], whole) > 1e-3
         assert _worst(runs["no_dropout"], whole) > 1e-3
+
+
+def test_mfu_counts_the_blocks_on_the_kept_patches_only():
+    from pipeline.flops import tower_flops, transformer_flops
+
+    full = tower_flops(ModelConfig(name="ViT-B-32"))["media"]
+    half = tower_flops(ModelConfig(name="ViT-B-32", patch_dropout=0.5))["media"]
+    # ViT-B-32 at 224 px: 49 patches + the class token, 24 kept + the class token
+    assert full - half == transformer_flops(50, 768, 12) - transformer_flops(25, 768, 12)
