@@ -29,6 +29,13 @@ rank x worker pair reads one *stream*, S = world_size x max(workers, 1) streams 
 Random augmentation is seeded per sample by (seed, epoch, stream, index), so a resumed run yields
 the same tensors as an uninterrupted one.
 
+Elastic resume: a position saved on another layout (world size, workers, batch size) replays what each
+old stream consumed from the old plan, and cuts the rest of that epoch, in circle order, into the new
+streams (StreamingDataset._slices); the next epochs are the new layout's own. Mixtures (`mixture`) lay
+out each source's share of the epoch (pipeline.mixture) in place of the shard permutation of step 1.
+Training streams run on into the next epoch in their worker, so the DataLoader prefetches across the
+boundary. With `decode: gpu` a worker hands over JPEG bytes and crops (pipeline.imagedecode).
+
 Resampled mode (`resampled: true`) draws shards with replacement, sources mixed by `weights`, from an
 RNG seeded by (seed, epoch, stream); each stream takes `epoch_samples / S` samples (whole batches) of
 the drawn shards and the rest works as above: resume regenerates the draws without reading.
@@ -49,8 +56,9 @@ and they are the same after a resume. `sum_stats_across_ranks` adds up every cou
 
 Samples are what webdataset makes of a tar (keys, fields, skipped names: pipeline.shardformat); every
 file access (fsspec, the cache of remote shards, the read timeout, retry backoff) is pipeline.storage.
-This module stays one file of ~950 lines because the epoch plan, the stream reader and the loader share
-one contract (the position (epoch, batches consumed) and the fill of bad slots) that reads best in one place.
+This module stays one file of ~1,100 lines because the epoch plan (with its elastic re-layout), the stream
+reader and the loader share one contract (the position (epoch, batches consumed) and the fill of bad slots)
+that reads best in one place; shard sizes, device decoding and mixtures live in their own modules.
 
 Eval loaders (`train=False`) read every sample exactly once, in shard order, without shuffling or
 dropping: the sequence is cut into S nearly equal ranges and every stream yields the same number of
