@@ -18,7 +18,7 @@ One definition everywhere (the trainer's logged `mfu`, every row of `python -m p
 Forward FLOPs are counted from the model config, 2 per multiply-add, for every matmul of both towers:
 patch embedding, qkv / output / MLP projections, QK^T and AV, the final projections. Norms, activations,
 softmax and the contrastive logits (O(global batch) per sample) are not counted. The count matches
-torch's FlopCounterMode on the real model and open_clip's published profile (tests/test_bench_gpu.py).
+torch's FlopCounterMode on the real model and open_clip's published profile (tests/test_flops.py).
 Plain PyTorch: nothing here imports deepspeed, the trainer or the benchmarks.
 """
 

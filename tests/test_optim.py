@@ -49,3 +49,14 @@ def test_schedule_warms_up_linearly_then_follows_the_cosine_to_the_floor():
     assert lr_factor(60, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(110, cfg, 110) == pytest.approx(0.1)
     assert lr_factor(500, cfg, 110) == pytest.approx(0.1)
+
+
+def test_build_optimizer_fuses_adamw_and_exempts_norms_from_decay():
+    model = build_model(ModelConfig(name="tiny-clip"))
+    assert build_optimizer(model, OptimConfig()).defaults["fused"] is True
+    assert not build_optimizer(model, OptimConfig(fused=False)).defaults["fused"]
+    decayed, exempt = build_optimizer(model, OptimConfig(weight_decay=0.2)).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.2 and exempt["weight_decay"] == 0.0
+    assert "clip.logit_scale" in {names[id(p)] for p in exempt["params"]}
+    assert "clip.visual.conv1.weight" in {names[id(p)] for p in decayed["params"]}

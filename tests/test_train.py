@@ -290,17 +290,3 @@ def test_former_precision_name_fails_before_any_work(shards, tmp_path):
     with pytest.raises(ConfigError, match="did you mean train.precision=amp"):
         load_run_config(str(REPO / "configs/demo-clip.yaml"), _overrides(shards, tmp_path, "fp16", "train.precision=fp16"))
     assert not (tmp_path / "fp16").exists()
-
-
-def test_build_optimizer_fuses_adamw_and_exempts_norms_from_decay():
-    from pipeline.models import ModelConfig, build_model
-    from pipeline.optim import OptimConfig, build_optimizer
-
-    model = build_model(ModelConfig(name="tiny-clip"))
-    assert build_optimizer(model, OptimConfig()).defaults["fused"] is True
-    assert not build_optimizer(model, OptimConfig(fused=False)).defaults["fused"]
-    decayed, exempt = build_optimizer(model, OptimConfig(weight_decay=0.2)).param_groups
-    names = {id(p): name for name, p in model.named_parameters()}
-    assert decayed["weight_decay"] == 0.2 and exempt["weight_decay"] == 0.0
-    assert "clip.logit_scale" in {names[id(p)] for p in exempt["params"]}
-    assert "clip.visual.conv1.weight" in {names[id(p)] for p in decayed["params"]}
