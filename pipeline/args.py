@@ -5,8 +5,9 @@
 Every component owns its config dataclass (`DataConfig` in data.py, `ModelConfig` in models.py,
 `OptimConfig` in optim.py, ...), each field with a docstring under it and validation in
 `__post_init__` raising ConfigError; `pipeline.config.RunConfig` composes them. This module only
-knows how to fill, validate and dump dataclasses. A key that no dataclass declares is an error
-naming the key, the closest valid one and the valid ones, before any work starts; a key that was
+knows how to fill, validate and dump dataclasses. Keys that no dataclass declares are one error,
+before any work starts, listing all of them at once: each with where it was written (`file:line`
+of the YAML file, or the command line) and the valid key it most likely meant; a key that was
 renamed names its new name.
 
 Why our own and not OmegaConf (what lingua uses): OmegaConf's structured configs would give the
@@ -107,19 +108,84 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _suggest(key: str, valid: list[str]) -> str | None:
+    """The valid key a typo most likely meant: the closest by spelling, else one that the key starts with
+    or that starts with the key ('evaluation' -> 'eval')."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    if close:
+        return close[0]
+    related = [name for name in valid if min(len(name), len(key)) >= 3 and (key.startswith(name) or name.startswith(key))]
+    return max(related, key=len) if related else None
+
+
+def _unknown_key_message(cls: type, dotted: str) -> str:
+    """'unknown config key 'a.b' (did you mean 'a.c'?)', or the new name of a renamed key. `cls` is the
+    section the last part of `dotted` was looked up in."""
+    if dotted in RENAMED_KEYS:
+        return f"config key '{dotted}' was renamed: did you mean '{RENAMED_KEYS[dotted]}'?"
+    prefix, _, key = dotted.rpartition(".")
+    valid = sorted(_field_types(cls))
+    close = _suggest(key, valid)
+    if close:
+        return f"unknown config key '{dotted}' (did you mean '{prefix + '.' if prefix else ''}{close}'?)"
+    return f"unknown config key '{dotted}'; valid keys in '{prefix or 'top level'}': {', '.join(valid)}"
+
+
+def _unknown_keys(cls: type, values: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Every key of `values` (and of its sections, at any depth) that `cls` does not declare, as
+    (dotted key, message), in the order they appear."""
+    types_by_name = _field_types(cls)
+    found = []
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if key not in types_by_name:
+            found.append((dotted, _unknown_key_message(cls, dotted)))
+            continue
+        section = _unwrap_optional(types_by_name[key])
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            found.extend(_unknown_keys(section, value, dotted + "."))
+    return found
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> the 1-based line it is written on, for every key of a YAML mapping (at any depth)."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                dotted = prefix + str(key_node.value)
+                lines.setdefault(dotted, key_node.start_mark.line + 1)
+                walk(value_node, dotted + ".")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:  # read_yaml has parsed it already; lines are only a help
+        pass
+    return lines
+
+
+def check_keys(cls: type, file_values: dict[str, Any], override_values: dict[str, Any],
+               path: str | Path | None = None) -> None:
+    """ConfigError listing every unknown key at once: each of the file's with `file:line`, each of the
+    command line's as such, each with its did-you-mean."""
+    lines = _key_lines(Path(path).read_text()) if path and file_values else {}
+    problems = [f"{path}:{lines[key]}: {message}" if key in lines else f"{path}: {message}"
+                for key, message in _unknown_keys(cls, file_values)]
+    problems += [f"command line: {message}" for _, message in _unknown_keys(cls, override_values)]
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} unknown config keys: " + "; ".join(problems))
+
+
 def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     types_by_name = _field_types(cls)
     unknown = [k for k in values if k not in types_by_name]
-    if unknown:
-        key = unknown[0]
-        if f"{prefix}{key}" in RENAMED_KEYS:
-            raise ConfigError(f"config key '{prefix}{key}' was renamed: did you mean '{RENAMED_KEYS[prefix + key]}'?")
-        close = difflib.get_close_matches(key, list(types_by_name), n=1)
-        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"unknown config key '{prefix}{key}'{hint}; valid keys in "
-            f"'{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(types_by_name))}"
-        )
+    if unknown:  # load_config reports them all first (check_keys); this guards direct callers
+        raise ConfigError(_unknown_key_message(cls, prefix + unknown[0]))
     kwargs = {}
     for name, value in values.items():
         kwargs[name] = _coerce(value, types_by_name[name], prefix + name)
@@ -184,9 +250,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults <- YAML file <- dot-list overrides, validated; errors name the bad key."""
-    values: dict[str, Any] = read_yaml(path) if path else {}
-    values = _merge(values, parse_overrides(overrides or []))
-    return _build(cls, values)
+    file_values: dict[str, Any] = read_yaml(path) if path else {}
+    override_values = parse_overrides(overrides or [])
+    check_keys(cls, file_values, override_values, path)
+    return _build(cls, _merge(file_values, override_values))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -97,3 +97,34 @@ def test_bad_values_name_the_key(override, key):
 def test_a_renamed_key_is_refused_with_its_new_name():
     with pytest.raises(ConfigError, match="'train.grad_checkpointing' was renamed: did you mean 'model.grad_checkpointing'"):
         load_config(RunConfig, None, ["train.grad_checkpointing=true"])
+
+
+def test_every_unknown_key_of_a_file_is_named_at_once_with_its_line(tmp_path):
+    path = tmp_path / "typos.yaml"
+    path.write_text("model:\n  name: demo-clip\ntrain:\n  stepz: 10\n  name: x\nevaluation:\n  every_steps: 5\n"
+                    "optim:\n  lrr: 1e-3\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(RunConfig, path, ["data.wokers=2"])
+    message = str(raised.value)
+    assert message.startswith("4 unknown config keys: ")
+    for expected in (f"{path}:4: unknown config key 'train.stepz' (did you mean 'train.steps'?)",
+                     f"{path}:6: unknown config key 'evaluation' (did you mean 'eval'?)",
+                     f"{path}:9: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)",
+                     "command line: unknown config key 'data.wokers' (did you mean 'data.workers'?)"):
+        assert expected in message
+
+
+def test_a_renamed_key_in_a_file_names_its_line_and_new_name(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  steps: 5\n  grad_checkpointing: true\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: config key 'train.grad_checkpointing' was renamed: "
+                                          r"did you mean 'model\.grad_checkpointing'\?$"):
+        load_config(RunConfig, path)
+
+
+def test_a_key_with_no_close_match_lists_the_valid_ones(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("train:\n  zzz: 1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: unknown config key 'train.zzz'; valid keys in 'train': "
+                                          r"accum_steps, .*zero_stage$"):
+        load_config(RunConfig, path)
