@@ -42,7 +42,8 @@ the drawn shards and the rest works as above: resume regenerates the draws witho
 
 Bad data. A sample is skipped, counted by reason in `loader.stats` (skipped_<reason>) and logged with
 shard and key when its media is corrupt or absent, its caption is empty or not UTF-8, a member name
-repeats in it (where webdataset raises), or it is lost with its shard: a truncated tar, a tar holding fewer samples than listed (one warning per shard names
+repeats in it or is one of webdataset's own entries (`x.__key__`: where webdataset raises; shardformat.PROBLEMS),
+or it is lost with its shard: a truncated tar, a tar holding fewer samples than listed (one warning per shard names
 both counts), a shard that is not there (not retried: one line names the URL), or one that still fails
 after its retries (exponential backoff capped at 30 s, bounded by `retries` and `retry_max_s`; a read
 that delivers nothing for `read_timeout_s` fails naming the shard). At start, shards listed in
@@ -119,8 +120,8 @@ class DataConfig:
     cache_dir: str | None = None
     """Local directory keeping a copy of every remote shard read; None reads remote shards directly."""
     cache_max_gb: float = 0.0
-    """Most gigabytes `cache_dir` may hold: the least recently used shards are evicted past it (never
-    one being read); 0 means no limit."""
+    """Most gigabytes (GB, 10^9 bytes: 1.5 is 1,500,000,000 bytes) `cache_dir` may hold: the least recently
+    used shards are evicted past it (never one being read); 0 means no limit."""
     decode: str = "cpu"
     """'cpu': workers decode and crop every image. 'gpu': workers hand over the JPEG bytes with each
     sample's crop, and the training process decodes the batch on its device (nvJPEG through
@@ -217,12 +218,13 @@ from pipeline.shardindex import (  # noqa: E402, F401
 )
 
 # --------------------------------------------------------------------------------- shard reading
+GB = 10**9  # data.cache_max_gb counts decimal gigabytes, as its name says (not GiB)
 
 
 def open_shard(url: str, cfg: DataConfig):
     """storage.open_shard with the loader's settings (storage options, cache, read timeout, pipes)."""
     return storage.open_shard(url, storage_options=cfg.storage_options, cache_dir=cfg.cache_dir,
-                              cache_max_bytes=int(cfg.cache_max_gb * 2**30), read_timeout_s=cfg.read_timeout_s,
+                              cache_max_bytes=round(cfg.cache_max_gb * GB), read_timeout_s=cfg.read_timeout_s,
                               allow_pipe=cfg.allow_pipe)
 
 
@@ -286,12 +288,14 @@ class _StreamReader:
         reason = "shard_not_found" if segment.url in self.missing else ""  # told at start: not again
         while next_index < segment.end and not reason:
             attempt_start, progress_from = time.monotonic(), next_index
+            intact = 0  # samples of the tar got through in this read, from its start (read or skipped unread)
             try:
                 with open_shard(segment.url, self.cfg) as stream:
                     def wanted(i, start=next_index):
                         return start <= i < segment.end and bool(needed[segment.offset + i - segment.first])
 
                     for sample in shardformat.iter_samples(stream, wanted):
+                        intact = sample.index + 1
                         if sample.index < next_index:
                             continue
                         next_index = sample.index + 1
@@ -313,8 +317,10 @@ class _StreamReader:
                 # a damaged archive reads the same way every time: no retry
                 reason = "truncated_shard"
                 self.counts["shards_truncated"] += 1
-                self._warn("damaged", segment.url, "shard %s is damaged after %d samples (%s): the rest of it (listed "
-                           "size %d) is skipped", segment.url, next_index, error, segment.size)
+                # `intact` counts from the tar's start; this stream's part of the shard may begin further on
+                self._warn("damaged", segment.url, "shard %s is damaged after %d complete samples (%s): this stream "
+                           "reads samples %d-%d of it (listed size %d), and skips %d-%d", segment.url, intact, error,
+                           segment.first, segment.end - 1, segment.size, next_index, segment.end - 1)
             except ConfigError:
                 raise
             except Exception as error:
@@ -631,8 +637,8 @@ class StreamingDataset(IterableDataset):
     def _decode(self, entry: _Entry, sample_seed: int, note) -> tuple | None:
         """-> (media, caption, label), or None when the sample is bad (counted and logged)."""
         files = entry.files
-        if files is None:
-            note(entry.reason, entry.url, entry.key)
+        if files is None:  # a sample webdataset raises on says what is wrong with it; one lost with its shard was told
+            note(entry.reason, entry.url, entry.key, shardformat.PROBLEMS.get(entry.reason, ""))
             return None
         extensions = shardformat.IMAGE_FIELDS if self.cfg.modality == "image" else shardformat.AUDIO_FIELDS
         media_ext = next((ext for ext in extensions if ext in files), None)
@@ -832,6 +838,7 @@ STAT_KEYS = (
     "skipped_missing_caption",  # no caption, or an empty one
     "skipped_bad_caption",  # a .txt caption that is not UTF-8
     "skipped_duplicate_member",  # a field twice in one sample (x.jpg twice): webdataset raises, we skip the sample
+    "skipped_reserved_field",  # a member named like webdataset's own entries (x.__key__, x.__url__): webdataset raises
     "skipped_truncated_shard",  # lost after the point where a tar is damaged
     "skipped_missing_from_shard",  # the tar holds fewer samples than listed
     "skipped_shard_not_found",  # the shard is not there

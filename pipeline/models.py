@@ -406,12 +406,13 @@ class ContrastiveModel(nn.Module):
             register_open_clip_configs()
             # nonscalar_logit_scale: DeepSpeed crashes on 0-dim parameters
             # force_patch_dropout=0: open_clip's own patch dropout (global RNG) never runs; ours replaces it
-            self.clip = open_clip.create_model(
-                cfg.name, pretrained=cfg.pretrained or None, nonscalar_logit_scale=True,
-                init_logit_scale=cfg.init_logit_scale,
-                init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None, output_dict=True,
-                force_patch_dropout=0.0,
-            )
+            with _without_random_init_warning():
+                self.clip = open_clip.create_model(
+                    cfg.name, pretrained=cfg.pretrained or None, nonscalar_logit_scale=True,
+                    init_logit_scale=cfg.init_logit_scale,
+                    init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None, output_dict=True,
+                    force_patch_dropout=0.0,
+                )
             embed_dim = _image_model_config(cfg.name)["embed_dim"]
             if cfg.patch_dropout:
                 self.clip.visual.patch_dropout = PatchDropout(cfg.patch_dropout)
@@ -601,6 +602,26 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"model.pretrained: {path} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+class _without_random_init_warning:
+    """Drops open_clip's root-logger warning "No pretrained weights loaded for model '...'. Model initialized
+    randomly." (open_clip.factory.create_model, whenever `pretrained` is None) while a tower is built. It is
+    wrong for every command that loads weights right after building (resume, export, eval of a run), and a
+    fresh run's random start is the configuration's choice (an empty model.pretrained), which the trainer
+    states itself; a `pretrained` that open_clip cannot load raises (ConfigError, checked up front)."""
+
+    def __enter__(self):
+        self.filter = _RandomInitWarningFilter()
+        logging.getLogger().addFilter(self.filter)
+
+    def __exit__(self, *exc_info):
+        logging.getLogger().removeFilter(self.filter)
 
 
 def build_model(cfg: ModelConfig) -> ContrastiveModel:

@@ -12,8 +12,13 @@ Members and keys, as webdataset keys them (`tariterators.tar_file_iterator`, `ba
 to the first dot of the base name (directory included, so `x/1.jpg` and `y/1.jpg` are two samples), the
 field the rest, lower-cased (`a.b.c.JPG` -> key `a`, field `b.c.jpg`); a name without such a dot (`README`,
 `.hidden.jpg`, macOS `._1.jpg`) is skipped. Consecutive members with the same key form one sample. Where
-webdataset raises (one field twice in a sample) the sample is yielded with `problem="duplicate_member"`
+webdataset's `group_by_keys` raises ("duplicate file name"), the sample is yielded with a `problem` (PROBLEMS)
 and no files: readers skip and count it, and it keeps its index so that counts and resume positions agree.
+It raises on a field twice in one sample (`duplicate_member`), and on a field named like the entries it puts
+in every sample itself, `__key__`, `__url__` and (shards on local disk) `__local_path__` (`reserved_field`:
+`s1.__key__`, `s1.__URL__`); where `__local_path__` is a sample's first member, webdataset does not raise but
+replaces the member by the shard's path: here such a sample is skipped all the same. A field that merely
+starts and ends with `__` (`s1.__foo__`, `s1.__key__.jpg`) is an ordinary field, as in webdataset.
 tests/test_shardformat.py compares all of this with `webdataset.WebDataset` over the same tars.
 
 Why the member loop is ours and not webdataset's `tar_file_iterator`: resume and the loader's own stream
@@ -54,6 +59,13 @@ TAR_MTIME, TAR_MODE, TAR_OWNER = 0, 0o444, "bigdata"
 # webdataset 1.0.2, tariterators.py: base_plus_ext and the metadata skipped by tar_file_iterator
 _KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _META = re.compile(r"__[^/]*__($|/)")
+RESERVED_FIELDS = ("__key__", "__url__", "__local_path__")
+"""The entries webdataset's group_by_keys puts in a sample itself: a member with such a field makes it raise."""
+PROBLEMS = {
+    "duplicate_member": "has a member name twice",
+    "reserved_field": "has a member named like webdataset's own sample entries (.__key__, .__url__, .__local_path__)",
+}
+"""TarSample.problem -> what is wrong with the sample, for messages (`shards verify`)."""
 
 
 def split_member(name: str) -> tuple[str, str] | None:
@@ -76,7 +88,8 @@ class TarSample:
     files: dict[str, bytes] | None
     """field -> bytes; None when the sample was not wanted, or has a problem."""
     problem: str = ""
-    """'' or 'duplicate_member' (a field twice in the sample: webdataset raises; we skip the sample)."""
+    """'' or a key of PROBLEMS: 'duplicate_member' (a field twice in the sample), 'reserved_field' (a field of
+    RESERVED_FIELDS). webdataset raises on both; readers skip the sample."""
     sizes: dict[str, int] | None = None
     """field -> bytes of the member (every sample, wanted or not)."""
 
@@ -100,8 +113,12 @@ def iter_samples(stream, wanted: Callable[[int], bool] = lambda index: True) -> 
                 yield _finished(current)
             index += 1
             current = TarSample(index, key, {} if wanted(index) else None, "", {})
-        if field in current.sizes:
+        if current.problem:
+            pass  # the first problem found names the sample's
+        elif field in current.sizes:
             current.problem = "duplicate_member"
+        elif field in RESERVED_FIELDS:
+            current.problem = "reserved_field"
         current.sizes[field] = member.size
         if current.files is not None and not current.problem:
             data = archive.extractfile(member).read()

@@ -708,7 +708,7 @@ def _count_tar_samples(handle) -> tuple[int, list[str]]:
         for sample in shardformat.iter_samples(handle):
             keys.append(sample.key)
             if sample.problem:
-                problems.append(f"sample {sample.key} has a member name twice (the loader skips it)")
+                problems.append(f"sample {sample.key} {shardformat.PROBLEMS[sample.problem]} (the loader skips it)")
                 continue
             files = sample.files
             if not media_fields & set(files):

@@ -92,6 +92,20 @@ def test_short_shard_is_told_once_with_both_counts(tmp_path, caplog):
     assert sum(marked_slots(batches) for batches in epochs) == loader.stats["skipped_missing_from_shard"] >= 3
 
 
+def test_a_zero_byte_shard_is_told_with_the_samples_read_not_where_the_stream_starts(tmp_path, caplog):
+    paths = write_dataset(tmp_path, [8, 4])
+    open(paths[0], "wb").close()  # emptied after sizes.json listed its 8 samples
+    # eval order, 2 streams of 6: rank 1's stream starts at sample 6 of the empty shard
+    loader = make_loader(tmp_path, rank=1, world_size=2, workers=0, batch_size=2, train=False)
+    with caplog.at_level("WARNING", logger=LOGGER):
+        batches = read_all(loader)
+    told = warnings_about(caplog, paths[0])
+    assert len(told) == 1 and "is damaged after 0 complete samples (empty file)" in told[0], told
+    assert "this stream reads samples 6-7 of it (listed size 8), and skips 6-7" in told[0]
+    assert loader.stats["skipped_truncated_shard"] == 2 and loader.stats["shards_truncated"] == 1
+    assert sorted(real_keys(batches)) == sorted(all_keys([0, 4]))
+
+
 def test_counting_a_damaged_tar_without_sizes_json_counts_what_is_readable(tmp_path, caplog):
     paths = write_dataset(tmp_path, [8, 9], sizes_json=False)
     data = open(paths[1], "rb").read()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -384,3 +385,14 @@ def test_media_to_device_casts_floats_and_keeps_pixels_uint8():
     assert moved.dtype == torch.uint8 and torch.equal(moved, pixels)  # the model normalises them
     mel = torch.randn(2, 32, 201)
     assert models.media_to_device(mel, "cpu", torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_building_a_tower_does_not_claim_a_random_init_it_does_not_keep(caplog):
+    # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root logger whenever
+    # pretrained is None; resume, export and eval load weights right after, so the line is dropped while
+    # the tower is built, and only then (other root-logger warnings pass)
+    with caplog.at_level(logging.WARNING):
+        build_model(ModelConfig(name="demo-clip"))
+        logging.warning("No pretrained weights loaded for model 'x' (outside the build)")
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["No pretrained weights loaded for model 'x' (outside the build)"]

@@ -104,6 +104,47 @@ def test_a_duplicated_member_skips_that_sample_where_webdataset_raises(tmp_path)
     assert any("sample b has a member name twice" in p for p in verify([url], progress=False).problems)
 
 
+@pytest.mark.parametrize("member", ["s1.__key__", "s1.__URL__", "s1.__local_path__"])
+def test_a_member_named_like_webdatasets_own_entries_skips_that_sample_where_webdataset_raises(tmp_path, member):
+    jpg = jpeg_bytes(3)
+    url = write_members(tmp_path / "reserved-000000.tar", [
+        ("s0.jpg", jpg), ("s0.txt", b"first"),
+        ("s1.jpg", jpg), ("s1.txt", b"second"), (member, b"not a field"),
+        ("s2.jpg", jpg), ("s2.txt", b"third"), ("s2.__key__.jpg", jpg), ("s2.__foo__", b"x"),  # ordinary fields
+    ])
+    with pytest.raises(ValueError, match="duplicate file name"):
+        webdataset_samples(url)
+    with open(url, "rb") as stream:
+        samples = list(shardformat.iter_samples(stream))
+    assert [(s.key, s.problem, s.files is None) for s in samples] == [
+        ("s0", "", False), ("s1", "reserved_field", True), ("s2", "", False)]
+    assert set(samples[2].files) == {"jpg", "txt", "__key__.jpg", "__foo__"}
+    # webdataset reads the same tar without s1 as we read it: s2 keeps its odd fields
+    clean = write_members(tmp_path / "clean-000000.tar", [("s0.jpg", jpg), ("s0.txt", b"first"), ("s2.jpg", jpg),
+                                                          ("s2.txt", b"third"), ("s2.__key__.jpg", jpg),
+                                                          ("s2.__foo__", b"x")])
+    import webdataset as wds
+
+    theirs = [(sample["__key__"], {k: v for k, v in sample.items() if k not in shardformat.RESERVED_FIELDS})
+              for sample in wds.WebDataset(clean, shardshuffle=False)]
+    assert theirs == [(s.key, s.files) for s in samples if not s.problem]
+
+    # the loader: skipped and counted under its own reason, its slot marked invalid
+    cfg = data.DataConfig(train_urls=url, batch_size=3, workers=0, shuffle_buffer=0)
+    loader = data.build_loader(cfg, url, rank=0, world_size=1, seed=0, media_transform=lambda image: _tensor(),
+                               tokenizer=_tokens, train=True)
+    (batch,) = list(loader)
+    assert sorted(batch.keys) == ["", "s0", "s2"] and batch.valid.tolist().count(False) == 1
+    assert loader.stats["skipped_reserved_field"] == 1 and loader.stats["skipped_duplicate_member"] == 0
+    # verify names it; ls shows the sample as the loader skips it
+    assert any("sample s1 has a member named like webdataset's own sample entries" in p
+               for p in verify([url], progress=False).problems)
+    records = [json.loads(line) for line in subprocess.run(
+        [sys.executable, "-m", "pipeline", "shards", "ls", "--json", url], capture_output=True, text=True, cwd=ROOT,
+        check=True, timeout=120).stdout.splitlines()]
+    assert [(r["key"], r.get("skipped")) for r in records] == [("s0", None), ("s1", "reserved_field"), ("s2", None)]
+
+
 def test_loader_sees_what_webdataset_sees_and_never_a_sample_keyed_empty(tmp_path):
     url = odd_names(tmp_path)
     expected = [key for key, files in webdataset_samples(url) if "txt" in files and ("jpg" in files)]

@@ -162,7 +162,18 @@ def test_loader_with_a_limited_cache_reads_the_same_samples(s3_server, tmp_path)
         return epochs
 
     plain = two_epochs()
-    with_cache = two_epochs(cache_dir=str(cache), cache_max_gb=limit / 2**30)
+    with_cache = two_epochs(cache_dir=str(cache), cache_max_gb=limit / 10**9)
     assert with_cache == plain and all(len(keys) == 40 for keys in plain)
     left = cached(cache)
     assert 0 < len(left) < 5 and sum(left.values()) <= limit
+
+
+def test_cache_max_gb_counts_decimal_gigabytes(tmp_path, monkeypatch):
+    from pipeline import data
+
+    opened = []
+    monkeypatch.setattr(storage, "open_shard", lambda url, **settings: opened.append(settings["cache_max_bytes"]))
+    for gigabytes, expected in ((1.5, 1_500_000_000), (0.25, 250_000_000), (0.0, 0)):
+        cfg = data.DataConfig(train_urls="s3://bucket/x.tar", cache_dir=str(tmp_path), cache_max_gb=gigabytes)
+        data.open_shard("s3://bucket/x.tar", cfg)
+        assert opened[-1] == expected  # 2**30 per GB would give 1,610,612,736 for 1.5
