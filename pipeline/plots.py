@@ -2,11 +2,13 @@
 
     plot_run("runs/demo-clip/metrics.jsonl", "runs/demo-clip/curves.png")
 
-Three panels: training loss over steps (raw and an exponential moving average), zero-shot
-top-1/top-5 accuracy, and retrieval R@1 in both directions; each eval panel draws its chance level
-as a dashed line. The trainer refreshes the PNG as it goes, so drawing is quick (a long raw loss
-curve is thinned to at most MAX_POINTS points) and the file is replaced atomically (temp file +
-rename): a viewer never sees a half-written image.
+Three panels: training loss over steps (raw and a centred moving average), zero-shot top-1/top-5
+accuracy, and retrieval R@1/R@5 in both directions; each eval panel draws its chance level as a
+dashed line. The retrieval panel has a log scale: its chance level (k/N, 0.1% for R@1 on 1,000
+held-out pairs) would sit on the axis of a 0-100 scale. The trainer refreshes the PNG as it goes,
+so drawing is quick (a long raw loss curve is thinned to at most MAX_POINTS points) and the file is
+replaced atomically (temp file + rename): a viewer never sees a half-written image. The file gets
+the mode any file the run writes gets (0644 under the usual umask), not the temp file's 0600.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training nodes
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from pipeline.metrics import finite, read_metrics  # noqa: E402
 
@@ -52,28 +54,47 @@ def _thin(steps: list[float], values: list[float]) -> tuple[list[float], list[fl
     return steps[::stride], values[::stride]
 
 
+def _percent(value: float) -> str:
+    return f"{value:.3g}%"
+
+
 def _eval_panel(axes, records: list[dict], curves: list[tuple[str, str]], chance: list[tuple[str, str]],
-                title: str) -> None:
-    drawn = False
+                title: str, log_scale: bool = False) -> None:
+    drawn, lowest = False, 100.0
     for key, label in curves:
         steps, values = _series(records, key)
         if steps:
             axes.plot(steps, [100 * v for v in values], marker="o", markersize=3, label=label)
             drawn = True
+            lowest = min([lowest, *(100 * v for v in values if v > 0)])
     for (key, label), style in zip(chance, ("--", ":")):
         steps, values = _series(records, key)
         if steps:
             axes.axhline(100 * values[-1], linestyle=style, color="black", linewidth=1,
-                         label=f"{label} {100 * values[-1]:.1f}%")
-    axes.set_title(title)
+                         label=f"{label} {_percent(100 * values[-1])}")
+            lowest = min(lowest, 100 * values[-1])
+    axes.set_title(title + (" (log scale)" if log_scale else ""))
     axes.set_xlabel("step")
     axes.set_ylabel("%")
     axes.grid(alpha=0.3)
-    if drawn:
+    if drawn and log_scale:
+        # down to half the lowest figure or chance level, so the chance line sits clear of the axis
+        axes.set_yscale("log")
+        axes.set_ylim(lowest / 2, 150)
+        axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: _percent(value)))
+    elif drawn:
         axes.set_ylim(0, 102)  # headroom so points at 100% stay visible
+    if drawn:
         axes.legend(fontsize=8, loc="best")
     else:
         axes.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=axes.transAxes, color="grey")
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None) -> Path:
@@ -114,7 +135,7 @@ def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title:
                 "zero-shot classification (held out)")
     _eval_panel(retrieval_axes, evals, [("media_to_text_R@1", "media->text R@1"), ("text_to_media_R@1", "text->media R@1"),
                                         ("media_to_text_R@5", "media->text R@5"), ("text_to_media_R@5", "text->media R@5")],
-                [("chance_R@1", "chance R@1"), ("chance_R@5", "chance R@5")], "retrieval (held out)")
+                [("chance_R@1", "chance R@1"), ("chance_R@5", "chance R@5")], "retrieval (held out)", log_scale=True)
     figure.suptitle(run_name, fontsize=13, fontweight="bold")
 
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +143,7 @@ def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title:
     os.close(fd)
     try:
         figure.savefig(tmp, format="png")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the plot from everyone else
         os.replace(tmp, out_png)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

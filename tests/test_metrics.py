@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
 from PIL import Image
 
 from pipeline.metrics import MetricsLogger, drop_superseded, read_metrics, truncate_after
-from pipeline.plots import plot_run, smooth
+from pipeline.plots import _eval_panel, plot_run, smooth
 
 
 def _train_record(step: int) -> dict:
@@ -146,3 +148,33 @@ def test_plot_run_writes_a_readable_png(tmp_path):
         logger.log(_train_record(1))
     with Image.open(plot_run(fresh, fresh / "curves.png")) as image:
         assert image.size == (1500, 450)
+
+
+def test_the_png_has_the_mode_of_the_run_directory_files(tmp_path):
+    run = tmp_path / "run"
+    with MetricsLogger(run, tensorboard=False) as logger:
+        logger.log(_train_record(1))
+    previous = os.umask(0o022)
+    try:
+        out = plot_run(run / "metrics.jsonl", run / "curves.png")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE((run / "metrics.jsonl").stat().st_mode)
+
+
+def test_retrieval_chance_is_drawn_above_the_axis_on_a_log_scale():
+    from matplotlib.figure import Figure
+
+    records = [{"kind": "eval", "step": step, "media_to_text_R@1": 0.05 + step / 1000, "chance_R@1": 0.001,
+                "chance_R@5": 0.005} for step in (50, 100, 150)]
+    retrieval, zero_shot = Figure().subplots(1, 2)
+    _eval_panel(retrieval, records, [("media_to_text_R@1", "R@1")], [("chance_R@1", "chance R@1"),
+                                                                     ("chance_R@5", "chance R@5")],
+                "retrieval", log_scale=True)
+    assert retrieval.get_yscale() == "log"
+    bottom, top = retrieval.get_ylim()
+    assert bottom < 0.1 < 0.5 < 5 < top and 0.1 / bottom >= 2  # chance 0.1% sits a factor 2 above the axis
+    assert "chance R@1 0.1%" in [text.get_text() for text in retrieval.get_legend().get_texts()]
+    _eval_panel(zero_shot, records, [("media_to_text_R@1", "top-1")], [], "zero-shot")
+    assert zero_shot.get_yscale() == "linear" and zero_shot.get_ylim() == (0, 102)
