@@ -5,7 +5,9 @@ against a peer run side by side (never a timed assertion). Each benchmark lives 
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import importlib.util
 
 BENCHMARKS = {
     "shards": ("pipeline.bench_shards", "shard building vs a plain webdataset ShardWriter loop"),
@@ -17,14 +19,23 @@ BENCHMARKS = {
 
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory)", description=__doc__)
-    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK")
+    benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_BenchmarkParser)
     for name, (module_name, summary) in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
+        if importlib.util.find_spec(module_name) is None:  # a benchmark module this checkout lacks
             continue
-        sub = benches.add_parser(name, help=summary, description=module.__doc__)
-        module.add_arguments(sub)
-        sub.set_defaults(func=module.run)
+        benches.add_parser(name, help=summary).module_name = module_name
+
+
+class _BenchmarkParser(argparse.ArgumentParser):
+    """A benchmark's parser that imports its module (torch, open_clip) and takes its arguments only when that
+    benchmark is parsed: `bench --help` lists the benchmarks from BENCHMARKS alone, in milliseconds."""
+
+    module_name: str | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.module_name is not None:
+            module, self.module_name = importlib.import_module(self.module_name), None
+            self.description = module.__doc__
+            module.add_arguments(self)
+            self.set_defaults(func=module.run)
+        return super().parse_known_args(args, namespace)

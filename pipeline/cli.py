@@ -26,28 +26,33 @@ import importlib
 import os
 import sys
 
-# command name -> module that registers it
+# command name -> (module that registers it, its line in `python -m pipeline --help`)
 COMMANDS = {
-    "shards": "pipeline.shards",
-    "train": "pipeline.train",
-    "demo": "pipeline.demo",
-    "eval": "pipeline.runs",
-    "export": "pipeline.runs",
-    "bench": "pipeline.bench",
+    "shards": ("pipeline.shards", "build, verify, list or index WebDataset tar shards"),
+    "train": ("pipeline.train_command", "train with DeepSpeed (any launcher, or one process)"),
+    "demo": ("pipeline.demo", "build the embedded shards, train on 2 local ranks, print held-out results"),
+    "eval": ("pipeline.runs", "retrieval R@1/5/10 and zero-shot accuracy of a trained run on held-out shards"),
+    "export": ("pipeline.runs", "write a run's weights as an open_clip state dict"),
+    "bench": ("pipeline.bench", "run a benchmark (`bench --help` lists them)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: only the module of the command it names is imported, so `--help` (of the CLI,
+    or of a command whose module defers its heavy imports) never loads torch, open_clip or deepspeed.
+    Without a command, each is listed by its line in COMMANDS."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Contrastive (CLIP/CLAP) pretraining pipeline: build shards, train with DeepSpeed, "
         "evaluate, export to open_clip, benchmark.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    registered = set()
-    for module_name in dict.fromkeys(COMMANDS.values()):
-        importlib.import_module(module_name).register_cli(subparsers)
-        registered.add(module_name)
+    named = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), None)
+    if named in COMMANDS:
+        importlib.import_module(COMMANDS[named][0]).register_cli(subparsers)
+    else:
+        for name, (_, line) in COMMANDS.items():
+            subparsers.add_parser(name, help=line)
     return parser
 
 
@@ -76,10 +81,11 @@ def report(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import ConfigError
-    from pipeline.preemption import Preempted
 
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
+    from pipeline.preemption import Preempted  # (imports torch) only once a command runs: not for --help
+
     if not getattr(args, "func", None):
         parser.print_help()
         return USER_ERROR_EXIT_CODE

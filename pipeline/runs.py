@@ -17,20 +17,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from pipeline.checkpoint import LATEST, CheckpointManager, _local_problem, consolidated_state_dict
-from pipeline.config import RunConfig, load_config
-from pipeline.data import build_loader
 from pipeline.errors import ConfigError
-from pipeline.evaluate import evaluate, format_table, read_classes
-from pipeline.models import build_model, get_tokenizer, image_size, media_transform
+
+# torch, the model, data and checkpoint code are imported inside the functions that use them, not at import: the
+# CLI imports this module to declare `eval` and `export`, and their --help must not wait for torch and open_clip
 
 
 def load_model_from_run(run_dir: str | Path, tag: str | None = None):
     """(ContrastiveModel on CPU in eval mode, RunConfig) from a run directory's latest checkpoint, or the
     one named by `tag`; the checkpoint may be local or remote (checkpoint.dir in the run's config.yaml)
     and of any ZeRO stage: the weights are consolidated to fp32."""
+    from pipeline.checkpoint import LATEST, CheckpointManager, _local_problem, consolidated_state_dict
+    from pipeline.config import RunConfig, load_config
+    from pipeline.models import build_model
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory '{run_dir}' does not exist")
@@ -64,6 +64,8 @@ def load_model_from_run(run_dir: str | Path, tag: str | None = None):
 
 def export(run_dir: str | Path, out_path: str | Path, tag: str | None = None) -> Path:
     """Write `model.open_clip_state_dict()` of a run's latest (or given) checkpoint to `out_path`."""
+    import torch
+
     model, _ = load_model_from_run(run_dir, tag)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,11 @@ def _register_export(subparsers) -> None:
 def _load_model(source: Path, config_path: str | None, overrides: list[str]):
     """(model, RunConfig) from a run directory or an exported .pt with its config; ConfigError naming what
     is missing or unreadable."""
+    import torch
+
+    from pipeline.config import RunConfig, load_config
+    from pipeline.models import build_model
+
     if source.is_dir():
         config_path = config_path or str(source / "config.yaml")
         if not Path(config_path).is_file():
@@ -119,6 +126,12 @@ def _load_model(source: Path, config_path: str | None, overrides: list[str]):
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.data import build_loader
+    from pipeline.evaluate import evaluate, format_table, read_classes
+    from pipeline.models import get_tokenizer, image_size, media_transform
+
     # our skipped-sample and progress notes, without open_clip's model-building chatter
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)

@@ -32,6 +32,7 @@ import json
 import logging
 import pickle
 import posixpath
+import sys
 import tarfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import braceexpand
-import torch.distributed as dist
 
 from pipeline import shardformat, storage
 from pipeline.errors import ConfigError
@@ -322,6 +322,10 @@ def _key(urls: str | list[str], storage_options: dict | None) -> str:
 
 def _sharing(world_size: int | None) -> bool:
     """Whether this call is a collective: a process group of more than one rank, the caller's world."""
+    if "torch.distributed" not in sys.modules:  # never imported, so no process group: `shards` runs without torch
+        return False
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return False
     return world_size is None or world_size == dist.get_world_size()
@@ -336,6 +340,8 @@ def shard_index(urls: str | list[str], storage_options: dict | None = None, *, w
     every rank then raises), the other ranks read nothing. Otherwise this process reads it. An index
     kept by `prefetch_shard_index` for the same URLs and options is taken instead of reading (once)."""
     sharing = _sharing(world_size)
+    if sharing:
+        import torch.distributed as dist
     if sharing and dist.get_rank() != 0:
         holder: list[Any] = [None]
         dist.broadcast_object_list(holder, src=0)

@@ -14,9 +14,9 @@ stop cleanly on SIGTERM / SIGUSR1. Layer 4 (programs): everything it calls lives
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,18 @@ from tqdm import tqdm
 from pipeline import distributed
 from pipeline.checkpoint import CheckpointManager, check_reachable, seed_everything
 from pipeline.config import RunConfig, dump_config, load_config, to_dict
-from pipeline.data import DataConfig, build_loader, prefetch_shard_index, sum_stats_across_ranks
+from pipeline.data import (
+    STAT_MEANINGS,
+    DataConfig,
+    build_loader,
+    prefetch_shard_index,
+    sum_stats_across_ranks,
+)
 from pipeline.errors import ConfigError
-from pipeline.evaluate import evaluate, read_classes
+from pipeline.evaluate import evaluate, format_table, read_classes
 from pipeline.flops import model_flops_and_peak
 from pipeline.losses import build_loss
-from pipeline.metrics import MetricsLogger, truncate_after
+from pipeline.metrics import MetricsLogger, finite, read_metrics, truncate_after
 from pipeline.mixture import read_manifest
 from pipeline.models import build_model, get_tokenizer, image_size, media_transform
 from pipeline.optim import build_optimizer, lr_factor
@@ -162,7 +168,7 @@ class KeyAudit:
 
 def train(cfg) -> dict[str, Any]:
     """Run (or continue) training as configured; every rank calls it. Returns the last eval metrics."""
-    world_size = int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
+    started, world_size = time.monotonic(), int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
     micro = validate(cfg, world_size)  # before the process group, the model or any data is touched
     dist = distributed.init_distributed(cfg.train.collective_timeout_s)
     if dist.world_size != world_size:
@@ -252,12 +258,13 @@ def train(cfg) -> dict[str, Any]:
     checkpoints.save(engine, state.step, state.state_dict())
     # what the data lacked, over all ranks (a collective, before rank 0 alone reports it)
     lost = {k: v for k, v in sum_stats_across_ranks(loader.stats).items() if v and k != "samples_read"}
+    metrics_log.close()
     if dist.is_main:
         if (run_dir / "metrics.jsonl").is_file():
             plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
-        if lost:
-            print("data over all ranks: " + ", ".join(f"{k} {v}" for k, v in lost.items()), flush=True)
-    metrics_log.close()
+        print(summary(cfg, read_metrics(run_dir / "metrics.jsonl"), steps_run=state.step - first_step,
+                      seconds=time.monotonic() - started, world_size=dist.world_size, lost=lost,
+                      checkpoint_dir=checkpoints.url, latest=checkpoints.latest_tag()), flush=True)
     distributed.barrier()
     return last_eval
 
@@ -280,21 +287,47 @@ def log_record(window: LogWindow, state: TrainState, scheduler, loader, mfu, wor
     return record
 
 
-# -- the command -------------------------------------------------------------------------------------
+def summary(cfg, records: list[dict], *, steps_run: int, seconds: float, world_size: int, lost: dict[str, int],
+            checkpoint_dir: str, latest: str | None) -> str:
+    """What rank 0 prints when a run ends: what was done, the result beside chance, where everything is, and
+    what went missing from the data, in words. `records`: metrics.jsonl; `lost`: the non-zero data counters
+    (over all ranks) other than samples_read."""
+    run_dir = run_dir_of(cfg)
+    train_records = [r for r in records if r.get("kind", "train") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    last = train_records[-1] if train_records else {}
+    minutes, rest = divmod(round(seconds), 60)
+    lines = [
+        f"\n== {cfg.train.name}: step {last.get('step', 0)} of {cfg.train.steps} "
+        + ("(done)" if last.get("step", 0) >= cfg.train.steps else "(stopped early: resume with train.resume=auto)"),
+        f"this invocation: {steps_run} steps, {steps_run * cfg.train.global_batch_size:,} samples, on {world_size} "
+        f"rank{'s' if world_size > 1 else ''} in " + (f"{minutes} min {rest} s" if minutes else f"{rest} s")
+        + " (start-up, evaluations and checkpoints included)",
+    ]
+    if last:
+        first = train_records[0]
+        speeds = sorted(r["samples_per_s"] for r in train_records if finite(r.get("samples_per_s")))
+        lines.append(f"samples seen: {last['samples_seen']:,} ({last['epoch']:.2f} epochs)"
+                     + (f"; training speed {speeds[len(speeds) // 2]:.0f} samples/s (median of the log steps)"
+                        if speeds else ""))
+        lines.append(f"loss: {last['loss']:.4f} at step {last['step']} (first logged: {first['loss']:.4f} at step "
+                     f"{first['step']})")
+    if evals:
+        lines.append(f"held-out figures at step {evals[-1]['step']} (chance beside each):")
+        lines.append(format_table(evals[-1]))
+    elif not cfg.data.val_urls:
+        lines.append("no held-out figures: data.val_urls is not set")
+    lines += [
+        f"run directory: {run_dir} (config.yaml, metrics.jsonl, TensorBoard events)",
+        f"checkpoints:   {checkpoint_dir}" + (f" (latest: {latest})" if latest else ""),
+        f"plot:          {run_dir / 'curves.png'}",
+    ]
+    if lost:
+        lines.append("data counters, over all ranks, this invocation:")
+        lines += [f"  {count:,} {key}: {STAT_MEANINGS.get(key, '')}" for key, count in lost.items()]
+    return "\n".join(lines)
+
+
+# -- the command (declared in pipeline.train_command) -------------------------------------------------
 def load_run_config(path: str | None, overrides: list[str]) -> RunConfig:
     return load_config(RunConfig, path, overrides)
-
-
-def _train_command(args: argparse.Namespace) -> int:
-    train(load_run_config(args.config, args.overrides))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train", help="train with DeepSpeed (any launcher, or one process)", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.lr=1e-3 train.steps=100")
-    parser.set_defaults(func=_train_command)

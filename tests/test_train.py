@@ -290,3 +290,35 @@ def test_former_precision_name_fails_before_any_work(shards, tmp_path):
     with pytest.raises(ConfigError, match="did you mean train.precision=amp"):
         load_run_config(str(REPO / "configs/demo-clip.yaml"), _overrides(shards, tmp_path, "fp16", "train.precision=fp16"))
     assert not (tmp_path / "fp16").exists()
+
+
+def test_summary_says_what_was_done_the_result_where_it_is_and_what_the_data_lacked():
+    from pipeline.train import load_run_config, summary
+
+    cfg = load_run_config(str(REPO / "configs/demo-clip.yaml"), ["train.name=demo", "train.steps=300"])
+    records = [
+        {"kind": "train", "step": 10, "epoch": 0.13, "samples_seen": 1280, "loss": 4.256, "samples_per_s": 280.0},
+        {"kind": "eval", "step": 150, "media_to_text_R@1": 0.05, "chance_R@1": 0.001, "samples": 1000.0},
+        {"kind": "train", "step": 300, "epoch": 3.84, "samples_seen": 38400, "loss": 1.9112, "samples_per_s": 300.0},
+        {"kind": "eval", "step": 300, "media_to_text_R@1": 0.0872, "text_to_media_R@1": 0.057, "chance_R@1": 0.001,
+         "zero_shot_top1": 1.0, "chance_zero_shot_top1": 1 / 12, "samples": 1000.0, "zero_shot_samples": 1000.0},
+    ]
+    text = summary(cfg, records, steps_run=300, seconds=133.4, world_size=2, lost={"samples_remainder": 64},
+                   checkpoint_dir="runs/demo/checkpoints", latest="global_step300")
+    lines = text.splitlines()
+    assert "== demo: step 300 of 300 (done)" in lines
+    assert ("this invocation: 300 steps, 38,400 samples, on 2 ranks in 2 min 13 s (start-up, evaluations and "
+            "checkpoints included)") in lines
+    assert "samples seen: 38,400 (3.84 epochs); training speed 300 samples/s (median of the log steps)" in lines
+    assert "loss: 1.9112 at step 300 (first logged: 4.2560 at step 10)" in lines
+    assert "held-out figures at step 300 (chance beside each):" in lines  # the last eval, not the one at 150
+    assert any(line.split() == ["media->text", "R@1", "8.72%", "0.10%"] for line in lines)
+    assert any(line.split() == ["zero-shot", "top-1", "100.00%", "8.33%"] for line in lines)
+    assert "checkpoints:   runs/demo/checkpoints (latest: global_step300)" in lines
+    assert f"plot:          {Path('runs/demo/curves.png')}" in lines
+    assert any(line.startswith("  64 samples_remainder: samples not read: the end of an epoch") for line in lines)
+
+    stopped = summary(cfg, records[:2], steps_run=10, seconds=9, world_size=1, lost={}, checkpoint_dir="c",
+                      latest=None)
+    assert "== demo: step 10 of 300 (stopped early: resume with train.resume=auto)" in stopped.splitlines()
+    assert "in 9 s" in stopped and "data counters" not in stopped and "(latest" not in stopped
