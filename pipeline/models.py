@@ -412,6 +412,9 @@ class ContrastiveModel(nn.Module):
                     init_logit_scale=cfg.init_logit_scale,
                     init_logit_bias=cfg.init_logit_bias if cfg.logit_bias else None, output_dict=True,
                     force_patch_dropout=0.0,
+                    # open_clip moves the model to `device` (cpu by default): under `with torch.device("meta")`
+                    # (the dry run's parameter count) it must stay there
+                    device=torch.get_default_device(),
                 )
             embed_dim = _image_model_config(cfg.name)["embed_dim"]
             if cfg.patch_dropout:

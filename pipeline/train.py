@@ -57,8 +57,9 @@ from pipeline.step import LogWindow, train_step
 from pipeline.trainstate import TrainState
 
 
-def validate(cfg, world_size: int) -> int:
-    """Everything that can be checked before any work; returns the per-rank micro-batch."""
+def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
+    """Everything that can be checked before any work; returns the per-rank micro-batch. `probe_checkpoints`:
+    create the checkpoint directory and write a probe file there (off for a dry run, which writes nothing)."""
     micro = cfg.train.micro_batch_size(world_size)
     # the trainer derives the loader's batch from train.global_batch_size: a different one set by hand
     # would be silently ignored, so it is refused
@@ -90,7 +91,8 @@ def validate(cfg, world_size: int) -> int:
     if cfg.train.resume not in ("none", "auto") and not cfg.train.resume.strip():
         raise ConfigError("train.resume must be 'none', 'auto' or a checkpoint path")
     check_precision(cfg.train.precision)
-    check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"), cfg.checkpoint.storage_options)
+    if probe_checkpoints:
+        check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"), cfg.checkpoint.storage_options)
     return micro
 
 

@@ -128,3 +128,31 @@ def test_a_key_with_no_close_match_lists_the_valid_ones(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{path}:2: unknown config key 'train.zzz'; valid keys in 'train': "
                                           r"accum_steps, .*zero_stage$"):
         load_config(RunConfig, path)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(shapes, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.models import ModelConfig, build_model
+    from pipeline.train_command import _millions
+
+    out = tmp_path / "runs"
+    argv = ["train", "--config", str(Path(__file__).parent.parent / "configs/demo-clip.yaml"), "--dry-run", "--world-size", "2", f"data.train_urls={shapes}",
+            "data.val_urls=", f"train.output_dir={out}", "train.global_batch_size=16", "train.accum_steps=2"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "world size 2: micro-batch 4 per rank x 2 accumulation steps x 2 ranks = global batch 16 (the " \
+           "contrastive batch)" in lines
+    assert any(line.startswith("source 0: 2 shards, 64 samples") for line in lines)
+    # 64 samples over 2 streams of whole micro-batches of 4: 8 per rank, 2 micro-batches a step
+    assert "epoch: 4 steps of 16 samples (64 samples; 0 left over, a different stretch each epoch)" in lines
+    parameters = sum(p.numel() for p in build_model(ModelConfig(name="demo-clip", modality="image")).parameters())
+    assert f"model demo-clip (image): {_millions(parameters)} parameters, {_millions(parameters)} trainable" in lines
+    memory = next(line for line in lines if line.startswith("memory per rank (ZeRO-0, adamw): "))
+    assert f"= {16 * parameters / 2**20:,.1f} MiB" in memory  # fp32 weights + gradients + two AdamW states
+    assert not out.exists()  # no run directory, no checkpoint probe
+
+    # ZeRO-3 over 2 ranks halves all three; a layout the batch does not divide fails as `train` would
+    assert main([*argv, "train.zero_stage=3"]) == 0
+    assert f"= {8 * parameters / 2**20:,.1f} MiB" in capsys.readouterr().out
+    assert main([*argv[:5], "3", *argv[6:]]) == 2
+    assert "train.global_batch_size (16) is not divisible by world size (3)" in capsys.readouterr().err
