@@ -53,3 +53,13 @@ def test_an_unknown_command_is_refused_with_the_choices(capsys):
         main(["trian"])
     assert exited.value.code == 2
     assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_the_demo_says_where_its_ranks_run():
+    from pipeline.demo import where_it_runs
+
+    on_cpu = where_it_runs(0, 2, "/venv/bin/deepspeed")
+    assert on_cpu.startswith("no GPU: 2 ranks on the CPU (DeepSpeed's CPU accelerator, gloo)")
+    assert "--num_gpus 2 counts these processes" in on_cpu and "CUDA_VISIBLE_DEVICES it sets is not used" in on_cpu
+    assert where_it_runs(0, 2, "/usr/bin/python") == "no GPU: 2 ranks on the CPU (DeepSpeed's CPU accelerator, gloo)"
+    assert where_it_runs(8, 2, "/venv/bin/deepspeed") == "2 ranks on 2 of 8 GPUs"
