@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# Known-good set (DESIGN.md): torch's regular (CUDA) builds run on CPU-only machines too.
+# Known-good set (README.md, install; constraints.txt pins the same): torch's regular (CUDA) builds run
+# on CPU-only machines too.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.2
 DEEPSPEED_PIN := deepspeed==0.19.8
 SHARDS_DIR ?= shards

@@ -1,8 +1,7 @@
 """Checkpoints: DeepSpeed's engine state plus ours, atomic, keep-last-K, local or any fsspec URL;
 what a run starts from (fresh, or which checkpoint, checked before anything is written); and the
-`export` command that writes open_clip-loadable weights.
-
-    python -m pipeline export runs/demo-clip runs/demo-clip/open_clip.pt
+weights of a checkpoint consolidated from any ZeRO stage (`consolidated_state_dict`), which the `export`
+and `eval` commands read (pipeline.runs).
 
 Layout of a checkpoint directory (local, or `s3://bucket/prefix`):
 

@@ -12,8 +12,10 @@ Each command lives in its own module, which registers its sub-parser through
 `register_cli(subparsers)`; modules are imported only as far as building the parser needs.
 
 Exit status: 0 done; 2 the user's to fix, with one line `error: ...` on stderr and no traceback (a bad
-or unknown setting, a missing or unreadable run, checkpoint or file: ConfigError; a diverged run:
-FloatingPointError, "loss is nan at step N"); 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
+or unknown setting, a missing or unreadable run, checkpoint or file: ConfigError; a command that produced
+or found nothing to check; a diverged run: FloatingPointError, "loss is nan at step N"); 1 with the same
+one line for a shard that cannot be read (`shards ls`, `shards index`), as for a problem `shards verify`
+finds; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
 (pipeline.preemption: requeue and resume with train.resume=auto); anything else is a bug or an
 environment failure and keeps its traceback (1). Under a launcher only rank 0 prints the line; every
 rank exits with the same status.
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         # a bad setting, a missing or unreadable input, or a diverged run: the message names what to fix,
         # a traceback (from every rank) would only bury it
         report(f"error: {error}")
-        return USER_ERROR_EXIT_CODE
+        # a few errors carry their own status: an unreadable shard exits 1, as a problem `shards verify` finds
+        return getattr(error, "exit_status", USER_ERROR_EXIT_CODE)
     except Preempted as stop:
         report(str(stop))
         return stop.exit_code

@@ -82,7 +82,7 @@ def deepspeed_config(
     Mixed precision is torch autocast inside the engine's forward (DeepSpeed's `torch_autocast`
     section): fp32 weights and optimizer, bf16/fp16 matmuls. DeepSpeed's `bf16` section is not used:
     its optimizer works per parameter tensor with host-synchronising checks (~300 `.item()` calls a
-    step for ViT-B-32), 70 of 142 ms per step on an H100, whatever the batch (DESIGN.md).
+    step for ViT-B-32), 70 of 142 ms per step on an H100, whatever the batch (docs/PERFORMANCE.md).
     `amp` (fp16) gets torch's GradScaler from DeepSpeed: dynamic loss scaling whose overflow check is
     one fused kernel over all gradients and one host read per step.
     At ZeRO-0, gradient clipping is ours (`clip_gradients`, one foreach kernel chain, no host read):
@@ -155,7 +155,7 @@ def clip_gradients(engine, max_norm: float) -> torch.Tensor | None:
 
 
 def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
-    """One engine holding both towers (DESIGN.md: two engines only work at ZeRO-1)."""
+    """One engine holding both towers: DeepSpeed runs two engines in one process only at ZeRO-1."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(

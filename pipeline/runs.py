@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
@@ -138,8 +137,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     model, cfg = _load_model(Path(args.source), args.config, args.overrides)
     data_url = args.data or cfg.data.val_urls
     if not data_url:
-        print("error: no held-out data: pass --data URL (the run's config has no data.val_urls)", file=sys.stderr)
-        return 2
+        raise ConfigError("no held-out data: pass --data URL (the run's config has no data.val_urls)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data_cfg = dataclasses.replace(cfg.data, batch_size=args.batch_size or cfg.eval.batch_size,
                                    workers=cfg.data.workers if args.workers is None else args.workers)

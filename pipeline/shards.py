@@ -64,8 +64,16 @@ MANIFEST_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 SOURCES = ("shapes", "tones", "folder", "manifest")
 
 
-class ShardBuildError(RuntimeError):
-    """The build cannot start or go on (bad manifest, unwritable output): the message names the cause."""
+class ShardBuildError(ConfigError):
+    """The build cannot start or go on (bad manifest, unwritable output) or wrote nothing (no input, every input
+    skipped): the message names the cause. The build leaves nothing behind in an output it created."""
+
+
+class UnreadableShard(ConfigError):
+    """A shard that cannot be read (`shards ls`, `shards index`): the CLI exits 1 with the message, as `shards
+    verify` does when it finds a problem, not 2 (a bad setting)."""
+
+    exit_status = 1
 
 
 @dataclass
@@ -568,11 +576,13 @@ class _Output:
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         probe = self.path(".write-probe")
         try:
+            self.created = not self.fs.exists(self.root)  # then a failed build removes it again
             self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "wb") as handle:
                 handle.write(b"ok")
             self.fs.rm(probe)
         except Exception as error:  # any backend error means the same thing: we cannot write there
+            self.discard()
             raise ShardBuildError(f"output '{url}' is not writable: {error}") from None
 
     def path(self, name: str) -> str:
@@ -592,6 +602,11 @@ class _Output:
     def write_text(self, name: str, text: str) -> None:
         with self.fs.open(self.path(name), "wb") as handle:  # closed here: a remote object really completes
             handle.write(text.encode("utf-8"))
+
+    def discard(self) -> None:
+        """After a failed build: remove the destination if this build created it (what was there before stays)."""
+        if getattr(self, "created", False) and self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
 
     def remove_stale(self, prefix: str, keep: set[str]) -> list[str]:
         """Shards of an earlier, larger build with the same prefix would be mistaken for part of this one."""
@@ -616,10 +631,19 @@ def default_prefix(cfg: BuildConfig) -> str:
 
 def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
     """Build the data set described by `cfg`; returns what was written. Raises ShardBuildError up front
-    when the input or output cannot be used."""
+    when the input or output cannot be used, and at the end when no sample was written (no input, or every
+    input skipped: the reasons counted); a build that fails removes the output directory it created."""
     started = time.time()
     cfg = _with_defaults(cfg)
     output = _Output(cfg.output, cfg.storage_options)  # fail before any work if it cannot be written
+    try:
+        return _build_into(output, cfg, progress, started)
+    except BaseException:
+        output.discard()
+        raise
+
+
+def _build_into(output: _Output, cfg: BuildConfig, progress: bool, started: float) -> BuildSummary:
     if cfg.source == "folder":
         items = list_folder(cfg.input, cfg.storage_options)
     elif cfg.source == "manifest":
@@ -661,6 +685,8 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
+    if not shard_sizes:  # before anything of an earlier build is touched: it stays as it was
+        raise ShardBuildError(_nothing_written(cfg, total, failed))
     keep = set(shard_sizes) | {shardformat.stats_url(name) for name in shard_sizes}
     for name in output.remove_stale(prefix, keep):
         logger.warning("removed %s left by an earlier build with prefix '%s'", name, prefix)
@@ -668,6 +694,17 @@ def build_shards(cfg: BuildConfig, progress: bool = True) -> BuildSummary:
     if cfg.source in synthetic.SOURCES:
         output.write_text("classes.json", synthetic.classes_json(cfg.source))
     return BuildSummary(cfg.output, prefix, shard_sizes, total, dict(sorted(failed.items())), time.time() - started)
+
+
+def _nothing_written(cfg: BuildConfig, total: int, failed: Counter[str]) -> str:
+    """Why a build wrote no sample: no input at all, or every input skipped (with the count per reason)."""
+    if cfg.source in synthetic.SOURCES:
+        return f"no samples written: count is {cfg.count}"
+    if not total:
+        media = "media files (" + ", ".join([*IMAGE_EXTENSIONS, *AUDIO_EXTENSIONS]) + ")"
+        return f"no samples written: {cfg.source} '{cfg.input}' holds no " + (media if cfg.source == "folder" else "rows")
+    reasons = ", ".join(f"{count} x {reason}" for reason, count in sorted(failed.items()))
+    return f"no samples written: all {total} inputs of {cfg.source} '{cfg.input}' were skipped ({reasons})"
 
 
 def _with_defaults(cfg: BuildConfig) -> BuildConfig:
@@ -963,30 +1000,23 @@ def register_cli(subparsers) -> None:
 
 
 def _run_build(args) -> int:
-    try:
-        cfg = BuildConfig(
-            source=args.source, output=args.output, split=args.split, count=args.count, seed=args.seed,
-            image_size=args.image_size, sample_rate=args.sample_rate, input=args.input,
-            path_column=args.path_column, caption_column=args.caption_column, key_column=args.key_column,
-            format=args.format, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-            max_shard_bytes=args.max_shard_bytes or None, resize=args.resize, resize_mode=args.resize_mode,
-            jpeg_quality=args.jpeg_quality, workers=args.workers,
-            storage_options=parse_storage_options(args.storage_option),
-        )
-        summary = build_shards(cfg, progress=not args.quiet)
-    except (ConfigError, ShardBuildError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary.describe())
+    cfg = BuildConfig(
+        source=args.source, output=args.output, split=args.split, count=args.count, seed=args.seed,
+        image_size=args.image_size, sample_rate=args.sample_rate, input=args.input,
+        path_column=args.path_column, caption_column=args.caption_column, key_column=args.key_column,
+        format=args.format, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes or None, resize=args.resize, resize_mode=args.resize_mode,
+        jpeg_quality=args.jpeg_quality, workers=args.workers,
+        storage_options=parse_storage_options(args.storage_option),
+    )
+    print(build_shards(cfg, progress=not args.quiet).describe())
     return 0
 
 
 def _run_verify(args) -> int:
-    try:
-        report = verify(args.urls, parse_storage_options(args.storage_option), progress=not args.quiet)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    report = verify(args.urls, parse_storage_options(args.storage_option), progress=not args.quiet)
+    if not report.shards and not report.problems:  # an empty directory: nothing was checked
+        raise ConfigError(f"no .tar shards found at {', '.join(repr(url) for url in args.urls)}: nothing to verify")
     for problem in report.problems:
         print(f"problem: {problem}")
     print(f"{report.shards} shards, {report.samples} samples, {len(report.problems)} problems")
@@ -995,8 +1025,7 @@ def _run_verify(args) -> int:
 
 def _run_ls(args) -> int:
     if args.limit < 0:
-        print(f"error: --limit must be >= 0, got {args.limit}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
     try:
         for record in list_samples(args.urls, parse_storage_options(args.storage_option), args.limit):
             if args.json:
@@ -1005,15 +1034,10 @@ def _run_ls(args) -> int:
             fields = "  ".join(f"{name}={size}" for name, size in record["fields"].items())
             skipped = f"  (skipped: {record['skipped']})" if "skipped" in record else ""
             print(f"{record['key']}  {fields}{skipped}")
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except FileNotFoundError as error:
-        print(f"error: not found: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"not found: {error}") from None
     except (tarfile.TarError, EOFError) as error:
-        print(f"error: damaged tar ({error})", file=sys.stderr)
-        return 1
+        raise UnreadableShard(f"damaged tar ({error})") from None
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
     return 0
@@ -1021,16 +1045,13 @@ def _run_ls(args) -> int:
 
 def _run_index(args) -> int:
     if args.workers < 1:
-        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     try:
         summary = shardindex.write_sizes_json(args.url, parse_storage_options(args.storage_option),
                                               threads=args.workers, force=args.force, progress=not args.quiet)
-    except (ConfigError, shardformat.SizesError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except shardformat.SizesError as error:
+        raise ConfigError(str(error)) from None
     except shardindex.ShardIndexError as error:  # names the shard
-        print(f"error: cannot read shard {error}", file=sys.stderr)
-        return 1
+        raise UnreadableShard(f"cannot read shard {error}") from None
     print(summary.describe())
     return 0

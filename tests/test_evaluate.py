@@ -381,6 +381,16 @@ def test_eval_command_names_a_missing_config(tiny_clip_weights, tmp_path, capsys
     assert "needs --config" in capsys.readouterr().err
 
 
+def test_eval_command_without_held_out_data_says_so(tiny_clip_weights, tmp_path, capsys):
+    from pipeline.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  name: tiny-clip\n")  # no data.val_urls, and no --data
+    assert main(["eval", str(tiny_clip_weights / "open_clip.pt"), "--config", str(config)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: no held-out data: pass --data URL (the run's config has no data.val_urls)"]
+
+
 @pytest.fixture()
 def s3_endpoint():
     """A real moto S3 server on loopback, for the duration of one test."""

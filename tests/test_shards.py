@@ -14,7 +14,8 @@ import soundfile
 import webdataset as wds
 from PIL import Image
 
-from pipeline import shards, synthetic
+from pipeline import synthetic
+from pipeline.cli import main
 from pipeline.shards import BuildConfig, ShardBuildError, build_shards, verify
 
 
@@ -23,10 +24,7 @@ def _build(**kwargs):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    shards.register_cli(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the real command line: pipeline.cli reports errors and picks the exit status
 
 
 def _read_back(directory):
@@ -203,6 +201,50 @@ def test_manifest_without_the_column_fails_naming_it(tmp_path, capsys):
     assert _cli(["shards", "build", "--source", "manifest", "--input", str(manifest), "--output",
                  str(tmp_path / "out2"), "--path-column", "url", "--quiet"]) == 2
     assert "path column 'url'" in capsys.readouterr().err
+    # a refused build leaves no output behind: not even the directory it created
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    # an output directory that was there before stays, as it was
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(ShardBuildError, match="caption column"):
+        _build(source="manifest", input=str(manifest), output=str(tmp_path / "mine"))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_a_manifest_build_whose_every_input_is_skipped_fails_and_writes_nothing(tmp_path, capsys):
+    manifest = tmp_path / "pairs.csv"
+    _write_manifest(manifest, "csv", [{"path": "gone.jpg", "caption": "a"}, {"path": "also-gone.jpg", "caption": "b"},
+                                      {"path": "", "caption": "c"}])
+    out = tmp_path / "out"
+    assert _cli(["shards", "build", "--source", "manifest", "--input", str(manifest), "--output", str(out),
+                 "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert f"all 3 inputs of manifest '{manifest}' were skipped (2 x missing_file, 1 x missing_path)" in line
+    assert not out.exists()  # no sizes.json = {}, no directory
+    # into an earlier build: it stays whole (its shards are not taken for stale ones)
+    _build(source="shapes", count=4, samples_per_shard=2, output=str(out), prefix="pairs")
+    before = _data_files(out)
+    with pytest.raises(ShardBuildError, match="no samples written"):
+        _build(source="manifest", input=str(manifest), output=str(out))
+    assert _data_files(out) == before and verify([str(out)], progress=False).problems == []
+
+
+def test_a_build_with_no_input_fails(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no media here")
+    with pytest.raises(ShardBuildError, match=f"folder '{tmp_path / 'empty'}' holds no media files"):
+        _build(source="folder", input=str(tmp_path / "empty"), output=str(tmp_path / "out"))
+    assert _cli(["shards", "build", "--source", "shapes", "--count", "0", "--output", str(tmp_path / "out"),
+                 "--quiet"]) == 2
+    assert "no samples written: count is 0" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_fails_at_once(tmp_path):
@@ -260,6 +302,26 @@ def test_verify_catches_truncated_tar_and_wrong_count(tmp_path, capsys):
     assert "problem:" in capsys.readouterr().out
     # a single shard URL is checked against the sizes.json beside it
     assert len(verify([str(tmp_path / "shapes-train-{000000..000002}.tar")], progress=False).problems) == 2
+
+
+def test_verify_with_nothing_to_check_fails(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("no shards here")
+    assert _cli(["shards", "verify", str(tmp_path), "--quiet"]) == 2
+    line = _one_error_line(capsys)
+    assert f"no .tar shards found at '{tmp_path}': nothing to verify" in line
+    assert "0 shards" not in capsys.readouterr().out
+
+
+def test_ls_errors_end_in_one_line(tmp_path, capsys):
+    _build(source="shapes", count=4, samples_per_shard=4, output=str(tmp_path))
+    assert _cli(["shards", "ls", str(tmp_path), "--limit", "-1"]) == 2
+    assert "--limit must be >= 0, got -1" in _one_error_line(capsys)
+    shard = tmp_path / "shapes-train-000000.tar"
+    assert _cli(["shards", "ls", str(tmp_path / "missing.tar")]) == 2
+    assert "not found" in _one_error_line(capsys)
+    shard.write_bytes(shard.read_bytes()[:1000])  # cut inside the first member
+    assert _cli(["shards", "ls", str(shard)]) == 1  # a damaged shard: 1, as a problem verify finds
+    assert "damaged tar" in _one_error_line(capsys)
 
 
 def test_verify_catches_a_tar_cut_at_a_block_boundary_and_bad_captions(tmp_path):

@@ -1,7 +1,6 @@
 """Shards on S3 through a real moto server on loopback: build to s3://, read back with plain
 webdataset, verify remotely, and build from a manifest whose table and media live on S3."""
 
-import argparse
 import io
 import json
 
@@ -10,15 +9,13 @@ import s3fs
 import webdataset as wds
 from PIL import Image
 
-from pipeline import shards, synthetic
+from pipeline import synthetic
+from pipeline.cli import main
 from pipeline.shards import BuildConfig, build_shards, verify
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    shards.register_cli(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the real command line: pipeline.cli reports errors and picks the exit status
 
 
 def test_build_to_s3_and_read_back(s3_server, tmp_path, capsys):

@@ -6,7 +6,6 @@ second case the first."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -18,7 +17,8 @@ from types import SimpleNamespace
 import pytest
 import s3fs
 
-from pipeline import shardindex, shards
+from pipeline import shardindex
+from pipeline.cli import main
 from tests.data_fixtures import write_dataset
 from tests.distributed_helpers import run_ranks
 from tests.s3_server import start_s3_server
@@ -29,10 +29,7 @@ BUCKET = "startup"
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    shards.register_cli(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the real command line: pipeline.cli reports errors and picks the exit status
 
 
 def _upload(server, local: Path, prefix: str) -> None:
