@@ -138,3 +138,23 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     holder = [value]
     torch.distributed.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Replace every floating-point buffer (BatchNorm running statistics) by its mean over the ranks.
+
+    Each rank updates such buffers from its own micro-batches and DeepSpeed never syncs them (DDP
+    broadcasts rank 0's), so the ranks drift apart; a checkpoint keeps only rank 0's copy. Averaged
+    before every evaluation and every save, the evaluated model is the saved one on every rank, and
+    `eval` of the checkpoint gives the figures the run logged. Training is unaffected: train-mode
+    BatchNorm normalises with the batch's own statistics."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    world_size = torch.distributed.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            # summed in float64: exact for equal values, so averaging twice (before an eval, then before the
+            # save of the same step) leaves them unchanged to the last bit
+            total = buffer.data.double()
+            torch.distributed.all_reduce(total)
+            buffer.data.copy_(total / world_size)

@@ -25,6 +25,11 @@ Definitions, so the figures can be compared with other runs:
   templates of classes.json (prompt ensembling, as in CLIP); top-1/top-5 with the same tie rule;
   samples without a label (-1) are left out of it.
 Every figure comes with its chance level: `chance_R@k` = k/N, `chance_zero_shot_topk` = k/C.
+
+The same weights and data give the same figures here during training (every rank, its share of the
+set) and in `python -m pipeline eval` (one process, the whole set), to the last digit: the trainer
+averages BatchNorm running statistics over the ranks before each evaluation and each save
+(`pipeline.distributed.average_buffers`), so the checkpoint holds the model that was evaluated.
 """
 
 from __future__ import annotations

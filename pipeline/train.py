@@ -200,6 +200,7 @@ def train(cfg) -> dict[str, Any]:
     def run_eval() -> dict[str, float]:
         if eval_loader is None:
             return {}
+        distributed.average_buffers(engine.module)  # BatchNorm statistics: the ranks' mean, as saved
         results = evaluate(engine.module, eval_loader, tokenizer=tokenizer, classes_json=classes, device=dist.device,
                            rank=dist.rank, world_size=dist.world_size)
         metrics_log.log({"kind": "eval", "step": state.step, **results})
@@ -244,6 +245,7 @@ def train(cfg) -> dict[str, Any]:
         every_steps = cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0
         if (every_steps or check.save_due or check.stop) and step < stop_at:
             window.settle()  # never checkpoint a model that has diverged since the last log step
+            distributed.average_buffers(engine.module)  # what the checkpoint keeps (rank 0's) is every rank's
             checkpoints.save(engine, step, state.state_dict())
             stop_signals.saved()
         if check.stop and step < stop_at:  # at stop_at the run ends as usual
@@ -257,6 +259,7 @@ def train(cfg) -> dict[str, Any]:
         raise preempted
     if state.step >= cfg.train.steps:
         last_eval = run_eval()
+    distributed.average_buffers(engine.module)
     checkpoints.save(engine, state.step, state.state_dict())
     # what the data lacked, over all ranks (a collective, before rank 0 alone reports it)
     lost = {k: v for k, v in sum_stats_across_ranks(loader.stats).items() if v and k != "samples_read"}

@@ -322,3 +322,51 @@ def test_summary_says_what_was_done_the_result_where_it_is_and_what_the_data_lac
                       latest=None)
     assert "== demo: step 10 of 300 (stopped early: resume with train.resume=auto)" in stopped.splitlines()
     assert "in 9 s" in stopped and "data counters" not in stopped and "(latest" not in stopped
+
+
+def _average_buffers_on_rank(rank: int, world_size: int) -> list[torch.Tensor]:
+    from pipeline.distributed import average_buffers
+
+    norm = torch.nn.BatchNorm1d(3)
+    norm.running_mean.fill_(0.1 * (rank + 1))  # 0.1 and 0.2: their mean, 0.15, is not exact in float32
+    norm.running_var.fill_(rank + 1.0)
+    norm.num_batches_tracked.fill_(7 + rank)
+    average_buffers(norm)
+    once = [norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()]
+    average_buffers(norm)  # an eval, then the save of the same step: the second call changes nothing
+    return once + [norm.running_mean.clone(), norm.running_var.clone()]
+
+
+def test_buffers_are_averaged_over_the_ranks_bit_for_bit_once():
+    ranks = run_ranks(_average_buffers_on_rank, 2, timeout=120)
+    expected_mean = ((torch.tensor(0.1).double() + torch.tensor(0.2).double()) / 2).float()
+    for mean, var, _, mean_again, var_again in ranks:
+        assert torch.equal(mean, expected_mean.expand(3)) and torch.equal(var, torch.full((3,), 1.5))
+        assert torch.equal(mean_again, mean) and torch.equal(var_again, var)
+    assert [int(r[2][()]) for r in ranks] == [7, 8]  # counters are not averaged
+    assert torch.equal(ranks[0][0], ranks[1][0])
+
+
+def _train_demo_clip(rank: int, world_size: int, overrides: list[str]) -> None:
+    from pipeline.train import load_run_config, train
+
+    train(load_run_config(str(REPO / "configs/demo-clip.yaml"), overrides))
+
+
+def test_eval_of_the_final_checkpoint_gives_the_figures_training_logged(shards, tmp_path, capsys):
+    # demo-clip's ResNet has BatchNorm: each rank's running statistics come from its own micro-batches, and
+    # DeepSpeed keeps only rank 0's in the checkpoint; both paths must score the same model
+    from pipeline.cli import main
+
+    overrides = _overrides(shards, tmp_path, "bn", "model.name=demo-clip", f"data.val_urls={shards['val']}",
+                           "train.steps=4", "checkpoint.every_steps=0", "eval.every_steps=2",
+                           "train.log_sample_keys=false", "data.workers=0")
+    run_ranks(_train_demo_clip, 2, overrides, timeout=300)
+    run_dir = _run_dir(overrides)
+    logged = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert main(["eval", str(run_dir), "--json", str(tmp_path / "eval.json")]) == 0
+    figures = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    in_training = {key: value for key, value in logged[-1].items() if key not in ("kind", "step", "time")}
+    assert figures == in_training  # every figure, to the last digit
+    assert figures["samples"] == 48 and "zero_shot_top1" in figures
