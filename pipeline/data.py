@@ -208,6 +208,7 @@ class Batch(NamedTuple):
 # shard URLs and sizes: pipeline.shardindex (read once on rank 0, in parallel, and shared with every rank);
 # the names stay importable from here
 from pipeline.shardindex import (  # noqa: E402, F401
+    SourceError,
     _warn_missing,
     expand_source,
     expand_urls,
@@ -216,6 +217,18 @@ from pipeline.shardindex import (  # noqa: E402, F401
     read_shard_sizes,
     shard_index,
 )
+
+
+def source_error(cfg: DataConfig, setting: str, urls: str, error: Exception) -> ConfigError:
+    """A failure to read the shards of data.<setting> (`urls`) as the user is told it: the setting and its
+    value; for data.mixture the manifest file and, where one source is at fault (SourceError), its entry."""
+    if setting == "mixture" and isinstance(error, SourceError):
+        entry = mixture.read_manifest(cfg.mixture, cfg.storage_options)[error.position]
+        return ConfigError(f"{entry.where} cannot be read: {error.reason}")
+    if setting == "mixture":
+        return ConfigError(f"data.mixture '{cfg.mixture}': its sources cannot be read: {error}")
+    return ConfigError(f"data.{setting} '{urls}' cannot be read: {error}")
+
 
 # --------------------------------------------------------------------------------- shard reading
 GB = 10**9  # data.cache_max_gb counts decimal gigabytes, as its name says (not GiB)
@@ -510,8 +523,9 @@ class StreamingDataset(IterableDataset):
             samples = (cfg.epoch_samples or self.total) if cfg.resampled else self.epoch_total
             self.stream_batches = samples // (self.streams * cfg.batch_size)
             if self.stream_batches == 0:
+                what = f"the mixture of data.mixture '{cfg.mixture}'" if self.mixture_counts else "the data set"
                 raise ValueError(
-                    f"the data set has {samples} samples, fewer than one batch per stream: "
+                    f"{what} has {samples} samples, fewer than one batch per stream: "
                     f"world_size {world_size} x workers {self.workers} x batch_size {cfg.batch_size} = "
                     f"{self.streams * cfg.batch_size} needed; lower data.batch_size or data.workers"
                 )
@@ -1084,7 +1098,12 @@ def build_loader(cfg: DataConfig, urls: str, *, rank: int, world_size: int, seed
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     # read on rank 0 and broadcast: every rank calls build_loader at the same point (a collective)
-    index = shard_index(urls, cfg.storage_options, world_size=world_size)
+    try:
+        index = shard_index(urls, cfg.storage_options, world_size=world_size)
+    except SourceError as error:
+        if manifest:  # the user wrote the manifest's entries, not this '::' list: name the entry
+            raise source_error(cfg, "mixture", urls, error) from None
+        raise
     shard_urls, sizes, left_out, absent = index.sources, index.sizes, index.left_out, index.absent
     absent = [(url, size) for url, size in absent if size > 0]  # a counted shard that was not there is told
     if rank == 0:  # every rank finds the same: one of them tells

@@ -20,6 +20,9 @@ then shuffled by (seed, epoch) and laid out over the streams as one data set's s
 MosaicML streaming mixes without replacement too, but only in its own MDS format; webdataset's
 `RandomMix` draws with replacement. Neither fits tar shards with an exact, resumable epoch plan, so this
 is our own.
+
+Every error names the manifest file, and where one source is at fault its entry (index in `sources:`, urls):
+`data.mixture 'mix.yaml', source 1 (urls: 'shards/cc12m') cannot be read: no .tar shards found at ...`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,19 @@ class MixtureSource:
     urls: str
     weight: float | None = None
     samples: int | None = None
+    manifest: str = ""
+    """The manifest file the source is listed in."""
+    index: int = 0
+    """Its entry in the manifest's `sources:` list (0, 1, ...)."""
+
+    @property
+    def where(self) -> str:
+        """The source as errors name it: manifest file, entry and urls."""
+        return _where(self.manifest, self.index, self.urls)
+
+
+def _where(manifest: str, index: int, urls: Any) -> str:
+    return f"data.mixture '{manifest}', source {index} (urls: {urls!r})"
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> list[MixtureSource]:
@@ -51,6 +67,8 @@ def read_manifest(url: str, storage_options: dict | None = None) -> list[Mixture
         raise ConfigError(f"data.mixture: manifest '{url}' not found") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"data.mixture: '{url}' is not YAML: {error}") from None
+    except Exception as error:  # whatever the storage says (no permission, a failing store): name the file
+        raise ConfigError(f"data.mixture: manifest '{url}' cannot be read: {storage.describe(error)}") from None
     entries = document.get("sources") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"data.mixture: '{url}' needs a non-empty 'sources:' list")
@@ -58,9 +76,9 @@ def read_manifest(url: str, storage_options: dict | None = None) -> list[Mixture
 
 
 def _source(url: str, index: int, entry: Any) -> MixtureSource:
-    where = f"data.mixture '{url}', source {index}"
+    where = _where(url, index, entry.get("urls") if isinstance(entry, dict) else None)
     if not isinstance(entry, dict) or not isinstance(entry.get("urls"), str) or not entry["urls"].strip():
-        raise ConfigError(f"{where}: needs 'urls' (a shard directory or URL pattern)")
+        raise ConfigError(f"{where}: needs 'urls' (a shard directory or URL pattern), got the entry {entry!r}")
     unknown = set(entry) - {"urls", "weight", "samples"}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: urls, weight, samples)")
@@ -72,25 +90,27 @@ def _source(url: str, index: int, entry: Any) -> MixtureSource:
         weight = entry["weight"]
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise ConfigError(f"{where}: weight must be a positive number, got {weight!r}")
-        return MixtureSource(entry["urls"].strip(), weight=float(weight))
+        return MixtureSource(entry["urls"].strip(), weight=float(weight), manifest=url, index=index)
     samples = entry["samples"]
     if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
         raise ConfigError(f"{where}: samples must be a positive whole number, got {samples!r}")
-    return MixtureSource(entry["urls"].strip(), samples=samples)
+    return MixtureSource(entry["urls"].strip(), samples=samples, manifest=url, index=index)
 
 
 def epoch_counts(sources: list[MixtureSource], sizes: list[int], epoch_samples: int = 0) -> list[int]:
     """Samples each source gives every epoch."""
     for source, size in zip(sources, sizes):
         if size <= 0:
-            raise ConfigError(f"data.mixture: source '{source.urls}' holds no samples")
+            raise ConfigError(f"{source.where} holds no samples")
     fixed = sum(source.samples or 0 for source in sources)
     total = epoch_samples or sum(sizes)
     weights = [source.weight or 0.0 for source in sources]
     rest = total - fixed
     if sum(weights) and rest <= 0:
-        raise ConfigError(f"data.mixture: the 'samples' entries ({fixed}) leave nothing of the epoch ({total}) "
-                          "to the 'weight' entries; set data.epoch_samples higher")
+        entries = ", ".join(f"source {s.index} ({s.samples})" for s in sources if s.samples)
+        raise ConfigError(f"data.mixture '{sources[0].manifest}': the 'samples' entries ({entries}: {fixed} in all) "
+                          f"leave nothing of the epoch ({total}) to the 'weight' entries; set data.epoch_samples "
+                          "higher")
     shares = np.asarray(weights) / sum(weights) * rest if sum(weights) else np.zeros(len(sources))
     # whole samples by largest remainder: the shares add up to `rest` exactly
     counts = np.floor(shares).astype(np.int64)

@@ -55,6 +55,19 @@ class ShardIndexError(RuntimeError):
     """A shard's size could not be read (not a missing file: a failing store, no permission); names the shard."""
 
 
+class SourceError(ConfigError):
+    """A source of the '::' list (or the entry of a data.mixture manifest) whose shards cannot be listed, all
+    of whose shards are absent, or one of whose sizes cannot be read: `position` in the list, `source` as given,
+    `reason` (naming the path or shard). The message is the reason; callers add the setting or manifest entry."""
+
+    def __init__(self, position: int, source: str, reason: str):
+        super().__init__(reason)
+        self.position, self.source, self.reason = position, source, reason
+
+    def __reduce__(self):  # rank 0 broadcasts it to the other ranks whole
+        return type(self), (self.position, self.source, self.reason)
+
+
 # ------------------------------------------------------------------------------------------ URLs
 
 
@@ -209,19 +222,37 @@ def read_shard_sizes(urls: str | list[str], storage_options: dict | None = None,
     form), else the shard's img2dataset-style *_stats.json ('successes'), else by counting the samples in
     the tar (once per process while the file is unchanged; a 'pipe:' URL runs its command for that, every
     time). Per-shard reads run on `threads` threads. A counted tar that is damaged counts the samples
-    before the damage, and one that is not there counts 0, each with a warning naming it."""
-    storage_options = storage_options or {}
-    shard_urls = [url for source in expand_urls(urls, storage_options) for url in source]
-    return _read_all(urls, shard_urls, storage_options, threads, {})
+    before the damage, and one that is not there counts 0, each with a warning naming it. A source that
+    cannot be listed, none of whose shards exists, or one of whose sizes cannot be read raises SourceError."""
+    return _read_sources(urls, storage_options or {}, threads, {})[1]
 
 
-def _read_all(urls, shard_urls: list[str], storage_options: dict, threads: int,
-              sizes_files: dict[str, dict[str, int] | None]) -> dict[str, int]:
-    not_found: list[str] = []
-    sizes, _ = _sizes(shard_urls, storage_options, threads, sizes_files, not_found)
-    if shard_urls and len(not_found) == len(shard_urls):
-        raise FileNotFoundError(f"none of the {len(shard_urls)} shards of '{urls}' exists (first: {not_found[0]})")
-    return {url: sizes[url] for url in shard_urls}
+def _read_sources(urls, storage_options: dict, threads: int,
+                  sizes_files: dict[str, dict[str, int] | None]) -> tuple[list[list[str]], dict[str, int]]:
+    """([shard URLs of each source], {shard URL: samples}), source by source, so that a failure names its source
+    (SourceError: a data.mixture error names the manifest entry from its position)."""
+    given = _source_list(urls)
+    if not given:
+        raise ConfigError(f"no shard URLs given (got {urls!r})")
+    sources: list[list[str]] = []
+    sizes: dict[str, int] = {}
+    for position, source in enumerate(given):
+        not_found: list[str] = []
+        try:
+            shard_urls = expand_source(source, storage_options)
+            source_sizes, _ = _sizes(shard_urls, storage_options, threads, sizes_files, not_found)
+        except (FileNotFoundError, ShardIndexError, shardformat.SizesError) as error:  # each names its path
+            raise SourceError(position, source, str(error)) from error
+        except ConfigError:
+            raise
+        except Exception as error:  # the listing failed (a failing store, no permission)
+            raise SourceError(position, source, f"'{source}' cannot be listed: {storage.describe(error)}") from error
+        if shard_urls and len(not_found) == len(shard_urls):
+            raise SourceError(position, source, f"none of the {len(shard_urls)} shards of '{source}' exists "
+                                                f"(first: {not_found[0]})")
+        sources.append(shard_urls)
+        sizes.update((url, source_sizes[url]) for url in shard_urls)
+    return sources, sizes
 
 
 def missing_listed_shards(urls: str | list[str], storage_options: dict | None = None,
@@ -309,9 +340,8 @@ def read_shard_index(urls: str | list[str], storage_options: dict | None = None,
                  threads: int = READ_THREADS) -> ShardIndex:
     """The ShardIndex of `urls`, read by this process (each sizes.json and directory listing once)."""
     storage_options = storage_options or {}
-    sources = expand_urls(urls, storage_options)
     sizes_files: dict[str, dict[str, int] | None] = {}
-    sizes = _read_all(urls, [url for source in sources for url in source], storage_options, threads, sizes_files)
+    sources, sizes = _read_sources(urls, storage_options, threads, sizes_files)
     left_out, absent = _missing(urls, storage_options, sizes, sizes_files)
     return ShardIndex(sources, sizes, left_out, absent)
 

@@ -32,6 +32,7 @@ from pipeline.data import (
     DataConfig,
     build_loader,
     prefetch_shard_index,
+    source_error,
     sum_stats_across_ranks,
 )
 from pipeline.errors import ConfigError
@@ -84,8 +85,8 @@ def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
             continue
         try:
             sizes = prefetch_shard_index(urls, cfg.data.storage_options).sizes
-        except Exception as error:  # whatever the storage says, name the setting that points there
-            raise ConfigError(f"data.{key} '{urls}' cannot be read: {error}") from None
+        except Exception as error:  # whatever the storage says, name the setting (a mixture: file and entry)
+            raise source_error(cfg.data, key, urls, error) from None
         if not sizes:
             raise ConfigError(f"data.{key} '{urls}' holds no shards")
     if cfg.train.resume not in ("none", "auto") and not cfg.train.resume.strip():

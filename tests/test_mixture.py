@@ -98,7 +98,59 @@ def test_bad_manifests_name_the_file_and_source(sources, entries, message):
     path = manifest(sources, entries)
     with pytest.raises(ConfigError, match=message) as error:
         loader(path)
-    assert path in str(error.value) and "source 0" in str(error.value)
+    assert f"data.mixture '{path}', source 0 (urls: '{sources / 'big'}')" in str(error.value)
+
+
+def _entry(path: str, index: int, urls) -> str:
+    return f"data.mixture '{path}', source {index} (urls: '{urls}')"
+
+
+def test_a_source_that_cannot_be_read_is_named_by_its_manifest_entry_not_the_joined_urls(sources):
+    from pipeline.config import RunConfig, load_config
+    from pipeline.train import validate
+
+    # a directory that is not there, and a URL list none of whose shards exists: the loader and the trainer's
+    # check name the manifest file, the entry's index and its urls, never the '::' list the loader joins
+    for name, reason in (("absent", "no .tar shards found at"),
+                         ("gone/part-{000000..000001}.tar", "none of the 2 shards of")):
+        path = manifest(sources, [("big", {"weight": 1}), (name, {"weight": 1})])
+        cfg = load_config(RunConfig, "configs/demo-clip.yaml", [f"data.mixture={path}", "data.train_urls=",
+                                                                "data.val_urls=", "train.global_batch_size=8"])
+        for check, argument in ((loader, path), (lambda run_config: validate(run_config, 1), cfg)):
+            with pytest.raises(ConfigError) as error:
+                check(argument)
+            message = str(error.value)
+            assert message.startswith(f"{_entry(path, 1, sources / name)} cannot be read: {reason}"), message
+            assert "::" not in message
+
+    # a source that holds no samples, and 'samples' entries that leave nothing to the 'weight' entries
+    (sources / "empty").mkdir(exist_ok=True)
+    write_dataset(sources / "empty", [0], prefix="empty")
+    path = manifest(sources, [("big", {"weight": 1}), ("empty", {"weight": 1})])
+    with pytest.raises(ConfigError) as error:
+        loader(path)
+    assert str(error.value) == f"{_entry(path, 1, sources / 'empty')} holds no samples"
+    path = manifest(sources, [("big", {"samples": 48}), ("even", {"weight": 1})])
+    with pytest.raises(ConfigError) as error:
+        loader(path)
+    assert f"data.mixture '{path}': the 'samples' entries (source 0 (48): 48 in all) leave nothing" in str(error.value)
+    # too few samples for one batch per stream: the mixture is named
+    path = manifest(sources, [("small", {"samples": 3})])
+    with pytest.raises(ValueError, match=f"the mixture of data.mixture '{path}' has 3 samples"):
+        loader(path)
+    # a manifest that is not a readable file
+    with pytest.raises(ConfigError, match=f"manifest '{sources}' cannot be read: IsADirectoryError"):
+        loader(str(sources))
+
+
+def test_a_source_error_reaches_every_rank_whole():
+    import pickle
+
+    from pipeline.shardindex import SourceError
+
+    copy = pickle.loads(pickle.dumps(SourceError(2, "s3://b/x", "no .tar shards found at 's3://b/x'")))
+    assert (copy.position, copy.source, copy.reason, str(copy)) == (2, "s3://b/x", "no .tar shards found at "
+                                                                    "'s3://b/x'", "no .tar shards found at 's3://b/x'")
 
 
 def test_mixture_excludes_train_urls_and_resampling(sources):
