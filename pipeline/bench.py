@@ -1,6 +1,7 @@
-"""Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory`. Each prints its figures and the ratio
-against a peer run side by side (never a timed assertion). Each benchmark lives in its own module
-(`bench_shards.py`, `bench_data.py`, `bench_gpu.py`, `bench_loss.py`) exposing `add_arguments(parser)` and `run(args)`.
+"""Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory|soak`. Each prints its figures and the ratio
+against a peer run side by side (never a timed assertion); `soak` prints the memory and open files of every
+process of a long training run. Each benchmark lives in its own module (`bench_shards.py`, `bench_data.py`,
+`bench_gpu.py`, `bench_loss.py`, `bench_soak.py`) exposing `add_arguments(parser)` and `run(args)`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ BENCHMARKS = {
     "data": ("pipeline.bench_data", "streaming loader vs open_clip's webdataset pipeline and the decode ceiling"),
     "gpu": ("pipeline.bench_gpu", "ViT-B/32 amp_bf16 training step throughput and MFU vs open_clip's trainer and a hand-written step"),
     "loss-memory": ("pipeline.bench_loss", "peak memory of the contrastive loss vs the batch N: linear when chunked"),
+    "soak": ("pipeline.bench_soak", "a long multi-rank training run: RSS and open files of every process over the steps"),
 }
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory)", description=__doc__)
+    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory, soak)", description=__doc__)
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_BenchmarkParser)
     for name, (module_name, summary) in BENCHMARKS.items():
         if importlib.util.find_spec(module_name) is None:  # a benchmark module this checkout lacks
