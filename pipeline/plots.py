@@ -85,7 +85,8 @@ def _eval_panel(axes, records: list[dict], curves: list[tuple[str, str]], chance
     elif drawn:
         axes.set_ylim(0, 102)  # headroom so points at 100% stay visible
     if drawn:
-        axes.legend(fontsize=8, loc="best")
+        # below the panel: inside it, the box would hide part of a curve or of a chance line
+        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     else:
         axes.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=axes.transAxes, color="grey")
 
@@ -106,7 +107,7 @@ def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title:
     train = [r for r in records if r.get("kind", "train") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
 
-    figure = Figure(figsize=(15, 4.5), dpi=100, layout="constrained")
+    figure = Figure(figsize=(15, 5.2), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     # one step axis for all panels, so an eval point sits under the loss it followed
     loss_axes, zero_shot_axes, retrieval_axes = figure.subplots(1, 3, sharex=True)

@@ -137,7 +137,7 @@ def test_plot_run_writes_a_readable_png(tmp_path):
     with Image.open(out) as image:
         image.verify()
     with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (1500, 450)
+        assert image.format == "PNG" and image.size == (1500, 520)
         # not a blank canvas: curves and text put many distinct colours on it
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []
@@ -147,7 +147,7 @@ def test_plot_run_writes_a_readable_png(tmp_path):
     with MetricsLogger(fresh, tensorboard=False) as logger:
         logger.log(_train_record(1))
     with Image.open(plot_run(fresh, fresh / "curves.png")) as image:
-        assert image.size == (1500, 450)
+        assert image.size == (1500, 520)
 
 
 def test_the_png_has_the_mode_of_the_run_directory_files(tmp_path):
