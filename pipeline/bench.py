@@ -1,7 +1,8 @@
 """Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory|soak`. Each prints its figures and the ratio
 against a peer run side by side (never a timed assertion); `soak` prints the memory and open files of every
 process of a long training run. Each benchmark lives in its own module (`bench_shards.py`, `bench_data.py`,
-`bench_gpu.py`, `bench_loss.py`, `bench_soak.py`) exposing `add_arguments(parser)` and `run(args)`.
+`bench_gpu.py`, `bench_loss.py`, `bench_soak.py`) exposing `add_arguments(parser)` and `run(args)`; what they
+share, the results file and the table cells, is here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 BENCHMARKS = {
     "shards": ("pipeline.bench_shards", "shard building vs a plain webdataset ShardWriter loop"),
@@ -41,3 +47,22 @@ class _BenchmarkParser(argparse.ArgumentParser):
             module.add_arguments(self)
             self.set_defaults(func=module.run)
         return super().parse_known_args(args, namespace)
+
+
+def write_results(path: Path, result: dict) -> None:
+    """Rewrite a benchmark's whole results file; atomic, so a kill while writing leaves the previous version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2))
+    os.replace(partial, path)
+
+
+def cell(value: Any, fmt: str, width: int = 0) -> str:
+    """One table cell right-aligned in `width`: `value` in `fmt`, a text as it is, '-' where there is none."""
+    text = "-" if value is None else value if isinstance(value, str) else fmt.format(value)
+    return f"{text:>{width}}" if width else text
+
+
+def format_cells(cells: Iterable[tuple[Any, str, int]]) -> str:
+    """One line of a benchmark's table: each (value, format, width) as `cell` writes it, side by side."""
+    return "".join(cell(value, fmt, width) for value, fmt, width in cells)

@@ -5,8 +5,9 @@
     python -m pipeline bench data --decode-device cuda # adds the decode=gpu column (auto: when CUDA is there)
 
 The benchmark data set (photo-like JPEGs, `SHARD_SAMPLES` per shard, sizes.json) is built once per source
-size with every core (one process per shard, each shard seeded by its index: the same bytes whatever the
-number of processes) and cached under `--bench-dir`. Every row reads it through the same 224-px open_clip
+size with every core and cached under `--bench-dir`: the JPEGs and captions are written into a folder (each
+image seeded by its index: the same bytes whatever the number of processes), then packed by the shard builder
+(`shards build --source folder`, pipeline.shards) as a user's data set is. Every row reads it through the same 224-px open_clip
 train transform and ViT-B-32 tokenizer, at one number of DataLoader workers:
   ours          pipeline.data.build_loader, the transform training uses (models.image_pixel_transform: open_clip's
                 geometric steps, uint8 out, normalised later on the device), data.jpeg_draft on: a JPEG at least
@@ -44,6 +45,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,8 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench import cell, format_cells, write_results
 from pipeline.errors import ConfigError
-from pipeline.shardformat import TarSampleWriter, iter_samples, sizes_json
+from pipeline.shardformat import iter_samples
 
 SHARD_SAMPLES = 500
 BUILD_SEED = 0
@@ -110,43 +113,45 @@ def _jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buffer.getvalue()
 
 
-def _write_shard(path: str, shard: int, start: int, count: int, size: int) -> int:
-    """One shard; its random stream depends only on its index, so the bytes do not depend on which process
-    writes it. Written under a temporary name and renamed, so an interrupted build leaves no half shard."""
-    rng = np.random.default_rng([BUILD_SEED, shard])
-    partial = path + ".partial"
-    with TarSampleWriter(partial) as writer:
-        for index in range(start, start + count):
-            writer.write(f"{index:08d}", {"jpg": _jpeg(rng, size), "txt": f"a picture number {index}".encode()})
-    os.replace(partial, path)
+def _write_jpegs(folder: str, start: int, count: int, size: int) -> int:
+    """JPEGs (and .txt captions) number `start` to `start + count - 1`; each image's random stream depends only
+    on its number, so the bytes do not depend on which process writes it."""
+    for index in range(start, start + count):
+        Path(folder, f"{index:08d}.jpg").write_bytes(_jpeg(np.random.default_rng([BUILD_SEED, index]), size))
+        Path(folder, f"{index:08d}.txt").write_text(f"a picture number {index}")
     return count
 
 
 def build_shards(directory: Path, samples: int, size: int, processes: int | None = None) -> list[str]:
-    """Shards of `SHARD_SAMPLES` samples with sizes.json, built by `processes` processes (default: every
-    core); kept and reused when already complete (sizes.json is written last)."""
+    """Shards of `SHARD_SAMPLES` samples with sizes.json, built by `processes` processes (default: every core):
+    the JPEGs into a temporary folder, then the shard builder (pipeline.shards.build_shards, source folder) with
+    as many workers. Kept and reused when already complete (the builder writes sizes.json last)."""
     from tqdm import tqdm
+
+    from pipeline.shards import BuildConfig
+    from pipeline.shards import build_shards as build_data_set
 
     sizes_path = directory / "sizes.json"
     if sizes_path.exists():
         return sorted(str(directory / name) for name in json.loads(sizes_path.read_text()))
-    directory.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(directory / f"bench-{shard:06d}.tar"), shard, start, min(SHARD_SAMPLES, samples - start), size)
-            for shard, start in enumerate(range(0, samples, SHARD_SAMPLES))]
-    processes = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
-    progress = tqdm(total=samples, desc=f"building {samples} {size}-px JPEG samples ({processes} process{'es' if processes > 1 else ''})",
-                    unit="sample", mininterval=2)
-    if processes == 1:
-        for job in jobs:
-            progress.update(_write_shard(*job))
-    else:
-        # spawn, not fork: the caller may hold torch's thread pools, which a forked child inherits broken
-        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-            for done in as_completed([pool.submit(_write_shard, *job) for job in jobs]):
-                progress.update(done.result())
-    progress.close()
-    sizes_path.write_text(sizes_json({Path(job[0]).name: job[3] for job in jobs}))  # last: marks the set complete
-    return [job[0] for job in jobs]
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".jpegs-{size}px-", dir=directory.parent) as folder:
+        jobs = [(folder, start, min(SHARD_SAMPLES, samples - start), size) for start in range(0, samples, SHARD_SAMPLES)]
+        processes = max(1, min(processes or os.cpu_count() or 1, len(jobs)))
+        progress = tqdm(total=samples, desc=f"making {samples} {size}-px JPEGs ({processes} process"
+                        f"{'es' if processes > 1 else ''})", unit="image", mininterval=2)
+        if processes == 1:
+            for job in jobs:
+                progress.update(_write_jpegs(*job))
+        else:
+            # spawn, not fork: the caller may hold torch's thread pools, which a forked child inherits broken
+            with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+                for done in as_completed([pool.submit(_write_jpegs, *job) for job in jobs]):
+                    progress.update(done.result())
+        progress.close()
+        summary = build_data_set(BuildConfig(source="folder", input=folder, output=str(directory), prefix="bench",
+                                             samples_per_shard=SHARD_SAMPLES, workers=processes))
+    return [str(directory / name) for name in summary.shard_sizes]
 
 
 def _brace_url(paths: list[str]) -> str:
@@ -208,25 +213,20 @@ def process_tree_cpu_seconds() -> float | None:
     return total
 
 
-def _synchronize(device: str | None) -> None:
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(device)
-
-
 def _time_batches(loader, batch_samples, device: str | None = None) -> dict:
     """Samples/s and CPU ms per sample (this process + its workers) from the first batch to the end; with a
     CUDA `device` (decode=gpu) the device's queued decoding is waited for at both ends."""
+    from pipeline.flops import synchronize
+
     start, first, samples, batches, cpu_first = time.perf_counter(), None, 0, 0, None
     for batch in loader:
         batches += 1
         if first is None:
-            _synchronize(device)
+            synchronize(device)
             first, cpu_first = time.perf_counter(), process_tree_cpu_seconds()
             continue
         samples += batch_samples(batch)
-    _synchronize(device)
+    synchronize(device)
     end, cpu_end = time.perf_counter(), process_tree_cpu_seconds()
     cpu_ms = None if cpu_first is None else (cpu_end - cpu_first) * 1000 / max(samples, 1)
     return {"samples_per_s": samples / max(end - first, 1e-9), "batches": batches,
@@ -359,14 +359,6 @@ def measure_epoch_start(url: str, args, workers: int, step_s: float, epochs: int
 # ------------------------------------------------------------------------------------------ the report
 
 
-def write_results(path: Path, result: dict) -> None:
-    """Rewrite the whole results file; atomic, so a kill while writing leaves the previous version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2))
-    os.replace(partial, path)
-
-
 def default_workers_list(cores: int) -> list[int]:
     """1, 2, 4, ... below `cores`, then `cores` itself."""
     counts = [2**i for i in range(max(cores, 1).bit_length()) if 2**i < cores]
@@ -393,10 +385,11 @@ def _decode_device(choice: str) -> str | None:
     return "cuda" if torch.cuda.is_available() else None
 
 
-def _rate(result: dict | None) -> str:
+def _rate(result: dict | None) -> float | str | None:
+    """A runner's samples/s for the table: 'failed' where it failed, None where it did not run."""
     if result and "error" in result:
-        return f"{'failed':>9}"
-    return f"{result['samples_per_s']:9.1f}" if result else f"{'-':>9}"
+        return "failed"
+    return result["samples_per_s"] if result else None
 
 
 def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
@@ -405,22 +398,21 @@ def _ratio(numerator: dict | None, denominator: dict | None) -> float | None:
     return numerator["samples_per_s"] / denominator["samples_per_s"]
 
 
-def _cell(value: float | None, fmt: str, width: int) -> str:
-    return f"{fmt.format(value):>{width}}" if value is not None else f"{'-':>{width}}"
-
-
-TABLE_HEADER = (f"{'source':>6} {'workers':>7} {'ours':>9} {'no draft':>9} {'draft x':>7} {'decode=gpu':>10} "
-                f"{'open_clip':>9} {'ours/oc':>7} {'ours/ceil':>9} {'CPU ms/sample ours, oc':>23}")
+# the table's columns: (title, width)
+COLUMNS = (("source", 6), ("workers", 8), ("ours", 10), ("no draft", 10), ("draft x", 8), ("decode=gpu", 11),
+           ("open_clip", 10), ("ours/oc", 8), ("ours/ceil", 10), ("CPU ms/sample ours, oc", 24))
+TABLE_HEADER = format_cells((title, "{}", width) for title, width in COLUMNS)
 
 
 def format_row(row: dict) -> str:
     runs = row["runs"]
     cpu = [runs[name].get("cpu_ms_per_sample") if runs.get(name) else None for name in ("ours", "open_clip")]
-    cpu_text = " / ".join("-" if value is None else f"{value:.2f}" for value in cpu)
-    return (f"{row['source_px']:>4}px {row['workers']:>7} {_rate(runs.get('ours'))} {_rate(runs.get('ours_no_draft'))} "
-            f"{_cell(row['draft_speedup'], '{:.2f}', 7)} {_rate(runs.get('ours_decode_gpu')):>10} "
-            f"{_rate(runs.get('open_clip'))} {_cell(row['ours_vs_open_clip'], '{:.2f}x', 7)} "
-            f"{_cell(row['ours_vs_ceiling'], '{:.2f}', 9)} {cpu_text:>23}")
+    values = ((f"{row['source_px']}px", "{}"), (row["workers"], "{}"), (_rate(runs.get("ours")), "{:.1f}"),
+              (_rate(runs.get("ours_no_draft")), "{:.1f}"), (row["draft_speedup"], "{:.2f}"),
+              (_rate(runs.get("ours_decode_gpu")), "{:.1f}"), (_rate(runs.get("open_clip")), "{:.1f}"),
+              (row["ours_vs_open_clip"], "{:.2f}x"), (row["ours_vs_ceiling"], "{:.2f}"),
+              (" / ".join(cell(value, "{:.2f}") for value in cpu), "{}"))
+    return format_cells((value, fmt, width) for (value, fmt), (_, width) in zip(values, COLUMNS))
 
 
 def measure_row(url: str, args, workers: int, source_px: int, ceiling: dict, decode_device: str | None) -> dict:

@@ -10,8 +10,10 @@
     python -m pipeline bench gpu --model tiny-clip --precision fp32 --batch-size 8 --steps 5 --warmup 2  # CPU, tiny
 
 One run measures, one after the other, on the same model, batch, precision and synthetic batches:
-  ours                    one DeepSpeed engine built exactly as training builds it (pipeline.distributed), stepped
-                          by training's own `pipeline.step.backward_step` (plain, or GradCache with --accum-steps);
+  ours                    one DeepSpeed engine built by training's own builder (`pipeline.train.build_engine_for`:
+                          model, optimizer, LR schedule, engine, compile, seeds, TF32 on CUDA as train.tf32 sets it)
+                          from the run config these flags stand for, stepped by training's own
+                          `pipeline.step.train_step` (plain, or GradCache with --accum-steps);
                           device-resident synthetic batches (the step alone) or --data shards (the loader included:
                           the loader's batches go into the step as in training, --decode cpu|gpu is data.decode);
   ours, synthetic data    with --data, the same engine and batch on synthetic batches right after: the table gives
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import gc
 import json
@@ -66,7 +67,7 @@ from typing import Any
 import torch
 
 # the precision names are open_clip's (open_clip_train's --precision takes the same ones)
-from pipeline.bench_data import write_results
+from pipeline.bench import cell, format_cells, write_results
 from pipeline.errors import ConfigError
 from pipeline.flops import (
     MATMUL_DTYPE,
@@ -283,55 +284,67 @@ class _PhaseTimedLoss:
 # -- set-up ----------------------------------------------------------------------------------------
 @dataclass
 class BenchRun:
-    """What one benchmark process holds: the engine and everything a step needs."""
+    """What one benchmark process holds: the engine built by the trainer's builder and everything a step needs."""
 
     engine: Any
     loss_fn: Any
     model_cfg: Any
     device: torch.device
-    media_dtype: torch.dtype
     rank: int
     world_size: int
     optimizer_kind: str
     grad_clip: float
 
+    def step(self, micro_batches: list, engine=None, loss_fn=None, phase=None) -> torch.Tensor:
+        """One optimizer step through the trainer's own `pipeline.step.train_step` (GradCache with several
+        micro-batches, clipping, the update); `engine`, `loss_fn`, `phase`: the breakdown's timed stand-ins.
+        Returns the loss tensor (not synchronised)."""
+        from pipeline.step import train_step
 
-def bench_model_config(args):
-    from pipeline.models import ModelConfig
+        loss, _ = train_step(engine or self.engine, loss_fn or self.loss_fn, micro_batches, self.device,
+                             self.grad_clip, phase=phase)
+        return loss
+
+
+def bench_config(args, world_size: int):
+    """The run config (pipeline.config.RunConfig, validated as `train` validates it) that these flags stand for:
+    the model, precision, ZeRO stage, compile, micro-batch x accumulation x ranks, loss chunking and seed."""
+    from pipeline.config import RunConfig, load_config
 
     modality = "audio" if args.model in ("tiny-clap", "clap-base") else "image"
-    return ModelConfig(name=args.model, modality=modality, grad_checkpointing=args.grad_checkpointing)
+    overrides = [
+        f"model.name={args.model}", f"model.modality={modality}", f"model.grad_checkpointing={args.grad_checkpointing}",
+        f"train.precision={args.precision}", f"train.zero_stage={args.zero_stage}",
+        f"train.compile={'on' if args.compile else 'off'}", f"train.seed={args.seed}",
+        f"train.accum_steps={args.accum_steps}",
+        f"train.global_batch_size={args.batch_size * args.accum_steps * world_size}",
+        # the schedule spans far more steps than the bench runs: after the one warmup step every timed step
+        # runs at the peak learning rate, as the middle of a training run does
+        "train.steps=1000000", "optim.warmup_steps=1",
+        "train.log_every=1000",  # DeepSpeed's own progress lines (steps_per_print) would interleave the table
+        f"loss.chunk_size={args.loss_chunk_size}",
+    ]
+    if args.fused_adamw != "auto":  # auto: training's default
+        overrides.append(f"optim.fused={args.fused_adamw == 'on'}")
+    return load_config(RunConfig, None, overrides)
 
 
 def build_run(args) -> BenchRun:
-    """Process group, model, optimizer and engine, the way `pipeline.train.train` builds them."""
-    from pipeline import distributed, parallelize
-    from pipeline.losses import LossConfig, build_loss
-    from pipeline.models import build_model
-    from pipeline.optim import OptimConfig, build_optimizer
+    """Process group, then model, optimizer, schedule and engine by the trainer's own builder
+    (`pipeline.train.build_engine_for`: seeds, TF32 on CUDA, compile, per-rank dropout seed), and its loss."""
+    from pipeline import distributed
+    from pipeline.losses import build_loss
+    from pipeline.train import build_engine_for
 
-    model_cfg = bench_model_config(args)
-    dist = distributed.init_distributed()
-    torch.manual_seed(args.seed)
-    model = build_model(model_cfg)
-    if args.compile:
-        from pipeline.parallelize import compile_blocks  # only a --compile run needs it
-
-        compile_blocks(model)  # in place, on the plain model, before the engine wraps it
-    optim_cfg = OptimConfig(warmup_steps=1)
-    fused = {"auto": optim_cfg.fused, "on": True, "off": False}[args.fused_adamw]
-    optimizer = build_optimizer(model, dataclasses.replace(optim_cfg, fused=fused))
-    kind = "AdamW (fused)" if fused else "AdamW"
-    ds_config = parallelize.deepspeed_config(
-        micro_batch_size=args.batch_size, accum_steps=args.accum_steps, world_size=dist.world_size,
-        zero_stage=args.zero_stage, precision=args.precision, grad_clip=optim_cfg.grad_clip, log_every=1000,
-    )
-    engine = parallelize.build_engine(model, optimizer, None, ds_config)
+    world_size = int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
+    cfg = bench_config(args, world_size)  # a bad flag is refused before the process group starts
+    dist = distributed.init_distributed(cfg.train.collective_timeout_s)
+    engine, _, _, _ = build_engine_for(cfg, dist, cfg.train.micro_batch_size(dist.world_size))
     engine.train()
-    loss_fn = build_loss(LossConfig(chunk_size=args.loss_chunk_size), dist.rank, dist.world_size)
-    return BenchRun(engine=engine, loss_fn=loss_fn, model_cfg=model_cfg, device=dist.device,
-                    media_dtype=torch.float32, rank=dist.rank,
-                    world_size=dist.world_size, optimizer_kind=kind, grad_clip=optim_cfg.grad_clip)
+    loss_fn = build_loss(cfg.loss, dist.rank, dist.world_size)
+    kind = "AdamW (fused)" if cfg.optim.fused else "AdamW"
+    return BenchRun(engine=engine, loss_fn=loss_fn, model_cfg=cfg.model, device=dist.device, rank=dist.rank,
+                    world_size=dist.world_size, optimizer_kind=kind, grad_clip=cfg.optim.grad_clip)
 
 
 def _media_shape(model_cfg) -> tuple[int, ...]:
@@ -349,10 +362,10 @@ def _context_length(model_cfg) -> int:
     return get_tokenizer(model_cfg).context_length
 
 
-def synthetic_batches(model_cfg, device: torch.device, media_dtype: torch.dtype, batch_size: int, count: int,
-                      rank: int = 0, channels_last: bool = False) -> list:
-    """`count` distinct random batches, already on the device in `media_dtype`: the step alone. The same
-    values for every caller with the same rank, whatever the dtype, so ours and the peers see the same data."""
+def synthetic_batches(model_cfg, device: torch.device, batch_size: int, count: int, rank: int = 0,
+                      channels_last: bool = False) -> list:
+    """`count` distinct random batches, already on the device in fp32 (autocast casts): the step alone. The
+    same values for every caller with the same rank, so ours and the peers see the same data."""
     from pipeline.data import Batch
 
     generator = torch.Generator().manual_seed(1000 + rank)
@@ -360,7 +373,7 @@ def synthetic_batches(model_cfg, device: torch.device, media_dtype: torch.dtype,
     batches = []
     for _ in range(count):
         media = torch.randn(batch_size, *_media_shape(model_cfg), generator=generator)
-        media = media.to(device=device, dtype=media_dtype)
+        media = media.to(device=device)
         if channels_last and media.dim() == 4:
             media = media.contiguous(memory_format=torch.channels_last)
         tokens = torch.randint(1, 49407, (batch_size, context), generator=generator).to(device)
@@ -369,8 +382,8 @@ def synthetic_batches(model_cfg, device: torch.device, media_dtype: torch.dtype,
 
 
 def synthetic_micro_batches(run: BenchRun, batch_size: int, count: int, channels_last: bool = False) -> list:
-    """Our micro-batches: `synthetic_batches` in the engine's input dtype, seeded by this rank."""
-    return synthetic_batches(run.model_cfg, run.device, run.media_dtype, batch_size, count, run.rank, channels_last)
+    """Our micro-batches: `synthetic_batches` seeded by this rank."""
+    return synthetic_batches(run.model_cfg, run.device, batch_size, count, run.rank, channels_last)
 
 
 def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list]:
@@ -401,7 +414,7 @@ def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list
         for _ in range(args.accum_steps):
             batch = next(stream)
             if args.channels_last and batch.media.dim() == 4:
-                media = media_to_device(batch.media, run.device, run.media_dtype)
+                media = media_to_device(batch.media, run.device, torch.float32)
                 batch = batch._replace(media=media.contiguous(memory_format=torch.channels_last))
             step.append(batch)
         yield step
@@ -432,21 +445,6 @@ def wait_summary(waits: list[float], step_s: float) -> dict[str, float]:
     return {"data_wait_ms_mean": mean * 1e3, "data_wait_ms_p90": p90 * 1e3, "data_wait_share": mean / step_s}
 
 
-def train_step(run: BenchRun, micro_batches: list, engine=None, loss_fn=None,
-               clock: PhaseClock | None = None) -> torch.Tensor:
-    """One optimizer step through training's own code path: backward_step, gradient clipping (ours at
-    ZeRO-0, DeepSpeed's inside `step` at ZeRO 1-3), engine.step. Returns the loss tensor (not synchronised)."""
-    from pipeline import parallelize
-    from pipeline.step import backward_step
-
-    engine = engine or run.engine
-    loss, _ = backward_step(engine, loss_fn or run.loss_fn, micro_batches, run.device, run.media_dtype)
-    with clock.phase("grad_clip") if clock else contextlib.nullcontext():
-        parallelize.clip_gradients(run.engine, run.grad_clip)
-    engine.step()
-    return loss
-
-
 # -- measurements ----------------------------------------------------------------------------------
 def time_steps(step: Callable[[Any], torch.Tensor], source: Iterator, steps: int,
                device: torch.device) -> dict[str, float]:
@@ -471,7 +469,7 @@ def measure_breakdown(run: BenchRun, source: Iterator[list], steps: int) -> dict
         began = time.perf_counter()
         with clock.phase("data_wait", host=True):
             micro_batches = next(source)
-        train_step(run, micro_batches, engine=engine, loss_fn=loss_fn, clock=clock)
+        run.step(micro_batches, engine=engine, loss_fn=loss_fn, phase=clock.phase)
         clock.finish_step()
         step_seconds += time.perf_counter() - began
     phases = {name: clock.totals.get(name, 0.0) / steps
@@ -500,7 +498,7 @@ def step_fits(run: BenchRun, batch_size: int, accum_steps: int = 1) -> bool:
     try:
         # one micro-batch repeated: the same memory and work as distinct ones, without holding accum copies
         micro_batches = synthetic_micro_batches(run, batch_size, 1) * accum_steps
-        train_step(run, micro_batches)
+        run.step(micro_batches)
         synchronize(run.device)
         return True
     except RuntimeError as error:
@@ -714,7 +712,7 @@ def handwritten_skip_reason(args, model_cfg) -> str | None:
 def measure_handwritten(args, model_cfg, device: torch.device, compiled: bool) -> dict[str, Any]:
     """The hand-written step timed as ours is: `--warmup` steps (compilation included), then `--steps`
     steps with no host synchronisation in between, on the same synthetic batches (fp32: autocast casts)."""
-    batch = synthetic_batches(model_cfg, device, torch.float32, args.batch_size, 1, 0, args.channels_last)[0]
+    batch = synthetic_batches(model_cfg, device, args.batch_size, 1, 0, args.channels_last)[0]
 
     def batches():
         while True:
@@ -733,8 +731,9 @@ def measure_handwritten(args, model_cfg, device: torch.device, compiled: bool) -
 
 
 # -- results ---------------------------------------------------------------------------------------
-def _cell(value, fmt: str) -> str:
-    return fmt.format(value) if value is not None else "-"
+# the table's columns after the run's label: (title, width)
+COLUMNS = (("samples/s", 11), ("step ms", 10), ("MFU %", 8), ("HFU %", 8), ("peak GiB", 10), ("ours / this", 14),
+           ("wait ms", 9), ("p90 ms", 9), ("wait %", 8))
 
 
 def format_row(name: str, row: dict[str, Any]) -> str:
@@ -746,11 +745,10 @@ def format_row(name: str, row: dict[str, Any]) -> str:
     percent = {key: row[key] * 100 if row.get(key) is not None else None for key in ("mfu", "hfu")}
     ratio = row.get("ours_vs_this")
     share = row["data_wait_share"] * 100 if row.get("data_wait_share") is not None else None
-    return (f"{label:34}{_cell(row['samples_per_s_per_gpu'], '{:.1f}'):>11}{_cell(row['step_s'] * 1e3, '{:.1f}'):>10}"
-            f"{_cell(percent['mfu'], '{:.2f}'):>8}{_cell(percent['hfu'], '{:.2f}'):>8}"
-            f"{_cell(row.get('peak_memory_gb'), '{:.2f}'):>10}{_cell(ratio, '{:.2f}x'):>14}"
-            f"{_cell(row.get('data_wait_ms_mean'), '{:.2f}'):>9}{_cell(row.get('data_wait_ms_p90'), '{:.2f}'):>9}"
-            f"{_cell(share, '{:.1f}'):>8}")
+    values = ((row["samples_per_s_per_gpu"], "{:.1f}"), (row["step_s"] * 1e3, "{:.1f}"), (percent["mfu"], "{:.2f}"),
+              (percent["hfu"], "{:.2f}"), (row.get("peak_memory_gb"), "{:.2f}"), (ratio, "{:.2f}x"),
+              (row.get("data_wait_ms_mean"), "{:.2f}"), (row.get("data_wait_ms_p90"), "{:.2f}"), (share, "{:.1f}"))
+    return f"{label:34}" + format_cells((value, fmt, width) for (value, fmt), (_, width) in zip(values, COLUMNS))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -759,8 +757,7 @@ def format_table(result: dict[str, Any]) -> str:
              f"{result['accum_steps']} x {result['world_size']} ranks, {result['device']}, data: {result['data']}",
              f"FLOPs/sample: model {flops['model'] / 1e9:.3f} G (MFU), executed {flops['executed'] / 1e9:.3f} G "
              f"(HFU); measured matmul peak {result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak_matmul']})",
-             f"{'run':34}{'samples/s':>11}{'step ms':>10}{'MFU %':>8}{'HFU %':>8}{'peak GiB':>10}{'ours / this':>14}"
-             f"{'wait ms':>9}{'p90 ms':>9}{'wait %':>8}"]
+             f"{'run':34}" + format_cells((title, "{}", width) for title, width in COLUMNS)]
     lines += [format_row(name, row) for name, row in result["runs"].items()]
     if result.get("data_vs_synthetic") is not None:
         lines.append(f"shards / synthetic data: {result['data_vs_synthetic']:.3f} of the samples/s at batch "
@@ -777,10 +774,10 @@ def format_table(result: dict[str, Any]) -> str:
         found = result["max_batch"]
         stopped = (f"; stopped on the {found['budget_s']:g} s budget: the figures are lower bounds, '-' not searched"
                    if found["stopped_on_budget"] else "")
-        lines.append(f"largest local batch: {_cell(found['max_local_batch'], '{}')} (checkpointing: "
-                     f"{_cell(found['max_local_batch_checkpointing'], '{}')}); GradCache contrastive batch: "
-                     f"{_cell(found['max_contrastive_batch_gradcache'], '{}')} (micro "
-                     f"{_cell(found['gradcache_micro_batch'], '{}')}); search limits {found['limit']} / "
+        lines.append(f"largest local batch: {cell(found['max_local_batch'], '{}')} (checkpointing: "
+                     f"{cell(found['max_local_batch_checkpointing'], '{}')}); GradCache contrastive batch: "
+                     f"{cell(found['max_contrastive_batch_gradcache'], '{}')} (micro "
+                     f"{cell(found['gradcache_micro_batch'], '{}')}); search limits {found['limit']} / "
                      f"{found['contrastive_limit']}, {found['elapsed_s']:.0f} s{stopped}")
     return "\n".join(lines)
 
@@ -804,11 +801,11 @@ def measure_ours(bench: BenchRun, args, synthetic: bool = False) -> dict[str, An
     for the synthetic companion row of a --data run)."""
     source = _batch_source(bench, args, synthetic)
     for _ in range(args.warmup):
-        train_step(bench, next(source))
+        bench.step(next(source))
     if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(bench.device)
     waited = WaitTimed(source)
-    timed = time_steps(lambda micro_batches: train_step(bench, micro_batches), waited, args.steps, bench.device)
+    timed = time_steps(bench.step, waited, args.steps, bench.device)
     memory = peak_memory_gb(bench.device)
     row = {**timed, "samples_per_s_per_gpu": args.batch_size * args.accum_steps / timed["step_s"],
            **wait_summary(waited.waits, timed["step_s"]), "peak_memory_gb": memory,

@@ -103,8 +103,9 @@ def utilisation(flops: dict[str, int], samples_per_s_per_gpu: float, peak_flops:
             "hfu": flops["executed"] * samples_per_s_per_gpu / peak_flops}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the work queued on a CUDA device; on the CPU (or with no device) there is nothing to wait for."""
+    if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 

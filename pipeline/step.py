@@ -1,7 +1,7 @@
 """One training step on a DeepSpeed engine: the contrastive loss over the global batch (GradCache when
 a step has several micro-batches), clipping, the update; and the window of steps between log lines.
 
-    loss, metrics = train_step(engine, loss_fn, micro_batches, device, torch.float32, grad_clip=1.0)
+    loss, metrics = train_step(engine, loss_fn, micro_batches, device, grad_clip=1.0)
     window.add(step, loss, metrics, samples)            # device tensors, no host read
     loss, metrics, samples_per_s = window.settle()      # every log_every steps: one host read
 
@@ -11,9 +11,11 @@ calls these once per step.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,9 +27,10 @@ from pipeline.parallelize import clip_gradients
 
 # outputs of the model that are one value for the whole batch rather than one row per sample
 SHARED_OUTPUTS = ("logit_scale", "logit_bias")
-def _to_device(batch, device: torch.device, media_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    # uint8 images stay uint8 (the model normalises them on the device); log-mel takes the model dtype
-    return media_to_device(batch.media, device, media_dtype), batch.tokens.to(device, non_blocking=True)
+def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # uint8 images stay uint8 (the model normalises them on the device); float media (log-mel) is fp32, as
+    # the weights are in every mode (autocast lowers the matmuls)
+    return media_to_device(batch.media, device, torch.float32), batch.tokens.to(device, non_blocking=True)
 
 
 def _with_valid(outputs: dict[str, Any], micro_batches: list, device: torch.device) -> dict[str, Any]:
@@ -59,7 +62,7 @@ def _cache_outputs(cache: dict[str, torch.Tensor], outputs: dict[str, Any], firs
         cache[key][first:first + rows] = value
 
 
-def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype):
+def backward_step(engine, loss_fn, micro_batches: list, device: torch.device):
     """Gradients of the contrastive loss over all `micro_batches` of every rank, left in the engine
     (reduced across ranks: the last backward is DeepSpeed's accumulation boundary). The caller then
     calls `engine.step()` once more to apply them. Returns (loss tensor, loss metrics).
@@ -76,7 +79,7 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
     if len(micro_batches) == 1:
         rows.place(0)
         batch = materialize(micro_batches[0])  # images the loader left encoded: decoded on the device now
-        outputs = engine(*_to_device(batch, device, media_dtype))
+        outputs = engine(*_to_device(batch, device))
         loss, metrics = loss_fn(_with_valid(outputs, [batch], device))
         engine.backward(loss)
         return loss.detach(), metrics
@@ -92,7 +95,7 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
             rng_before.append(rng_state())
             rows.place(first)
             batch = materialize(batch)
-            outputs = engine(*_to_device(batch, device, media_dtype))
+            outputs = engine(*_to_device(batch, device))
             _cache_outputs(combined, outputs, first, len(batch.tokens), total_rows)
             decoded.append(batch._replace(media=None))  # its `valid` rows, which decoding may have changed
     rng_after = rng_state()
@@ -117,7 +120,7 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
     for index, batch in enumerate(micro_batches):
         set_rng_state(rng_before[index])
         rows.place(firsts[index])
-        outputs = engine(*_to_device(materialize(batch), device, media_dtype))
+        outputs = engine(*_to_device(materialize(batch), device))
         surrogate = sum((outputs[key].float() * grad).sum() for key, grad in output_grads[index].items())
         # the cached gradient already is the gradient of the whole batch's loss: no 1/accum scaling
         engine.backward(surrogate, scale_wrt_gas=False)
@@ -127,14 +130,18 @@ def backward_step(engine, loss_fn, micro_batches: list, device: torch.device, me
     return loss, metrics
 
 
-def train_step(engine, loss_fn, micro_batches: list, device: torch.device, media_dtype: torch.dtype,
-               grad_clip: float) -> tuple[torch.Tensor, dict[str, Any]]:
+def train_step(engine, loss_fn, micro_batches: list, device: torch.device, grad_clip: float,
+               phase: Callable[[str], contextlib.AbstractContextManager] | None = None,
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One optimizer step: gradients of the loss over `micro_batches` (GradCache when several), clipping,
     the update. Returns the loss and the loss metrics as device tensors: nothing here reads a value back
     to the host, so the host can run ahead of the GPU; the trainer reads them every `log_every` steps.
-    (DeepSpeed's ZeRO 1-3 optimizers read 1-3 scalars a step for their own checks, whatever the model size.)"""
-    loss, metrics = backward_step(engine, loss_fn, micro_batches, device, media_dtype)
-    clip_gradients(engine, grad_clip)
+    (DeepSpeed's ZeRO 1-3 optimizers read 1-3 scalars a step for their own checks, whatever the model size.)
+    `phase(name)`: a context manager around the clipping, the one part of the step that is not an engine or
+    loss call (`bench gpu` times each phase: the rest through the engine and loss it passes in)."""
+    loss, metrics = backward_step(engine, loss_fn, micro_batches, device)
+    with phase("grad_clip") if phase else contextlib.nullcontext():
+        clip_gradients(engine, grad_clip)
     engine.step()
     return loss, metrics
 

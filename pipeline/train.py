@@ -106,11 +106,6 @@ def _batches_forever(loader) -> Iterator:
         yield from loader
 
 
-def _append_keys(path: Path, step: int, keys: list[str]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"step": step, "keys": keys}) + "\n")
-
-
 def build_engine_for(cfg, dist, micro: int, load_universal: bool = False) -> tuple[Any, Any, str, bool]:
     """(engine, scheduler, resolved precision, compiled): the same init on every rank. `load_universal`: built to
     load a checkpoint of another world size (CheckpointManager.loads_universal)."""
@@ -213,8 +208,7 @@ def train(cfg) -> dict[str, Any]:
     stop_at = min(cfg.train.steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps \
         else cfg.train.steps
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
-    # the weights are fp32 in every mode (autocast lowers the matmuls), and so is float media (log-mel)
-    batches, media_dtype, last_eval = _batches_forever(loader), torch.float32, {}
+    batches, last_eval = _batches_forever(loader), {}
     window, compile_timer, first_step = LogWindow(dist.world_size, precision), CompileTimer(compiled), state.step
     # SIGTERM / SIGUSR1: finish the step, save, exit 75 (requeue); checkpoint.every_minutes: timed saves
     stop_signals, preempted = StopSignals(every_minutes=cfg.checkpoint.every_minutes).install(), None
@@ -223,7 +217,7 @@ def train(cfg) -> dict[str, Any]:
     while state.step < stop_at:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
         keys.append(state.step + 1, micro_batches)
-        loss, loss_metrics = train_step(engine, loss_fn, micro_batches, dist.device, media_dtype, cfg.optim.grad_clip)
+        loss, loss_metrics = train_step(engine, loss_fn, micro_batches, dist.device, cfg.optim.grad_clip)
         state.advance(cfg.train.global_batch_size)
         step = state.step
         window.add(step, loss, loss_metrics, cfg.train.global_batch_size)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.bench_gpu import Budget, largest_fitting
+from tests.distributed_helpers import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,50 @@ def test_budget_is_spent_at_its_deadline_and_stays_spent():
     assert budget() and budget.spent
     now[0] = 0.0  # a clock that went back does not unspend it
     assert budget()
+
+
+def _bench_and_trainer_steps(rank: int, world_size: int, argv: list[str], overrides: list[str]) -> dict:
+    """The bench's run for `argv`, and the trainer's engine for the same settings written as a run config, each
+    built and stepped once on the same synthetic batch."""
+    import argparse
+
+    from pipeline import bench_gpu, distributed
+    from pipeline.config import RunConfig, load_config
+    from pipeline.losses import build_loss
+    from pipeline.step import train_step
+    from pipeline.train import build_engine_for
+
+    parser = argparse.ArgumentParser()
+    bench_gpu.add_arguments(parser)
+    bench = bench_gpu.build_run(parser.parse_args(argv))
+    seed_after_build = torch.initial_seed()
+    micro_batches = bench_gpu.synthetic_micro_batches(bench, 4, 2)
+    initial = {name: value.clone() for name, value in bench.engine.module.state_dict().items()}
+    bench_loss = float(bench.step(micro_batches))
+    cfg = load_config(RunConfig, None, overrides)
+    dist = distributed.init_distributed()
+    engine, scheduler, _, _ = build_engine_for(cfg, dist, cfg.train.micro_batch_size(dist.world_size))
+    same_init = all(torch.equal(initial[name], value) for name, value in engine.module.state_dict().items())
+    loss, _ = train_step(engine, build_loss(cfg.loss, rank, world_size), micro_batches, dist.device, cfg.optim.grad_clip)
+    return {"bench_scheduler": type(bench.engine.lr_scheduler).__name__, "seed_after_build": seed_after_build,
+            "same_init": same_init, "bench_loss": bench_loss, "trainer_loss": float(loss),
+            "bench_lr": bench.engine.get_lr(), "trainer_lr": engine.get_lr(), "kind": bench.optimizer_kind}
+
+
+@pytest.mark.slow
+def test_bench_runs_the_trainers_build_path_and_step():
+    # GradCache (2 micro-batches of 4): the bench's flags and the same run as a trainer config give the same
+    # engine (weights, LR schedule, per-rank seed) and the same first step
+    argv = ["--model", "tiny-clip", "--precision", "fp32", "--batch-size", "4", "--accum-steps", "2", "--seed", "3",
+            "--fused-adamw", "off"]
+    overrides = ["model.name=tiny-clip", "train.precision=fp32", "train.global_batch_size=8", "train.accum_steps=2",
+                 "train.seed=3", "train.compile=off", "train.steps=1000000", "optim.warmup_steps=1",
+                 "optim.fused=false"]
+    (result,) = run_ranks(_bench_and_trainer_steps, 1, argv, overrides)
+    assert result["bench_scheduler"] == "LambdaLR"  # the trainer's warmup + cosine schedule, stepped by the engine
+    assert result["seed_after_build"] == 3 * 1000 + 0  # each rank its own dropout stream, as in training
+    assert result["same_init"] and result["kind"] == "AdamW"
+    assert result["bench_loss"] == result["trainer_loss"] and result["bench_lr"] == result["trainer_lr"]
 
 
 def _bench(tmp_path: Path, *flags: str, returncode: int = 0) -> tuple[dict, str]:

@@ -57,7 +57,7 @@ def _gradients(kind: str, accum_steps: int, chunk_size: int) -> dict:
         for i in range(0, BATCH, micro)
     ]
     loss_fn = build_loss(LossConfig(kind=kind, chunk_size=chunk_size))
-    loss, metrics = backward_step(engine, loss_fn, batches, torch.device("cpu"), torch.float32)
+    loss, metrics = backward_step(engine, loss_fn, batches, torch.device("cpu"))
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
     return {"loss": float(loss), "metrics": {k: float(v) for k, v in metrics.items()}, "grads": grads}
 

@@ -72,7 +72,7 @@ def _train(engine, first_step: int, steps: int) -> list[float]:
         batch = Batch(torch.randn(MICRO_BATCH, 3, 64, 64, generator=generator),
                       torch.randint(1, 49000, (MICRO_BATCH, 32), generator=generator),
                       [f"{step}-{i}" for i in range(MICRO_BATCH)], torch.full((MICRO_BATCH,), -1))
-        loss, _ = backward_step(engine, loss_fn, [batch], torch.device("cpu"), torch.float32)
+        loss, _ = backward_step(engine, loss_fn, [batch], torch.device("cpu"))
         engine.step()
         losses.append(float(loss))
     return losses

@@ -24,7 +24,13 @@ def test_parallel_build_writes_the_same_bytes_as_one_process(tmp_path, monkeypat
     assert (tmp_path / "one" / "sizes.json").read_bytes() == (tmp_path / "two" / "sizes.json").read_bytes()
     assert json.loads((tmp_path / "two" / "sizes.json").read_text()) == {
         "bench-000000.tar": 10, "bench-000001.tar": 10, "bench-000002.tar": 5}
-    assert not list((tmp_path / "two").glob("*.partial"))
+    assert not list((tmp_path / "two").glob("*.partial")) and not list((tmp_path / "two").glob(".staging-*"))
+    # the shard builder's own format: each sample a JPEG with its caption, keyed in order
+    from pipeline.shards import list_samples
+
+    samples = list(list_samples([str(tmp_path / "one")]))
+    assert len(samples) == 25 and [s["key"] for s in samples] == sorted(s["key"] for s in samples)
+    assert all({"jpg", "txt"} <= set(s["fields"]) for s in samples)
     # shards differ from each other: each has its own random stream
     assert open(one[0], "rb").read() != open(one[1], "rb").read()
 
@@ -74,7 +80,10 @@ def test_bench_data_prints_a_json_line_per_row_and_keeps_them(tmp_path, capsys):
     assert [len(waits) for waits in saved["epoch_start"]["waits_s"]] == [12, 12]
     assert math.isclose(saved["epoch_start"]["epoch_start_wait_s"], saved["epoch_start"]["waits_s"][1][0])
     # the shards are cached: a second run reuses them
-    assert sorted(p.name for p in (tmp_path / "data-96-64px").iterdir()) == ["bench-000000.tar", "sizes.json"]
+    # built by the shard builder: the shard, its *_stats.json and sizes.json, nothing left of the JPEG folder
+    assert sorted(p.name for p in (tmp_path / "data-96-64px").iterdir()) == [
+        "bench-000000.tar", "bench-000000_stats.json", "sizes.json"]
+    assert not list(tmp_path.glob(".jpegs-*"))
     assert "cached" not in out
     # and the decode=gpu column runs its code path on the CPU when asked
     assert main([*argv[:argv.index("--source-size")], "--source-size", "64", "--workers-list", "1",

@@ -66,7 +66,7 @@ def _train(engine, rank: int, world_size: int, first_step: int, steps: int) -> l
         tokens = torch.randint(1, 49000, (GLOBAL_BATCH, 32), generator=generator)
         mine = slice(rank * local, (rank + 1) * local)
         batch = Batch(media[mine], tokens[mine], [f"{step}-{i}" for i in range(local)], torch.full((local,), -1))
-        loss, _ = backward_step(engine, loss_fn, [batch], torch.device("cpu"), torch.float32)
+        loss, _ = backward_step(engine, loss_fn, [batch], torch.device("cpu"))
         engine.step()
         # each rank's loss is over its rows of the global logits: the global loss is their mean
         total = loss.detach().reshape(1).clone()

@@ -219,7 +219,7 @@ def _lit_steps(rank: int, world_size: int, pretrained: str, zero_stage: int) -> 
                      [str(k) for k in range(micro)], torch.full((micro,), -1)) for i in range(accum)]
     losses, steps = [], 6
     for _ in range(steps):  # the same batch every step: a locked model must still fit it
-        loss, _ = backward_step(engine, loss_fn, batches, torch.device("cpu"), torch.float32)
+        loss, _ = backward_step(engine, loss_fn, batches, torch.device("cpu"))
         parallelize.clip_gradients(engine, 1.0)
         engine.step()
         losses.append(float(loss))

@@ -130,8 +130,7 @@ def _gradients(rank: int, world_size: int, accum_steps: int, step_seed: int, pat
     batches = [Batch(pixels[i * micro:(i + 1) * micro], tokens[i * micro:(i + 1) * micro],
                      [str(k) for k in range(micro)], torch.full((micro,), -1)) for i in range(accum_steps)]
     torch.manual_seed(step_seed * 1000 + rank)  # as the trainer: each rank its own dropout stream
-    loss, _ = backward_step(engine, build_loss(LossConfig(), rank, world_size), batches, torch.device("cpu"),
-                            torch.float32)
+    loss, _ = backward_step(engine, build_loss(LossConfig(), rank, world_size), batches, torch.device("cpu"))
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
     return {"loss": float(loss), "grads": grads}
 

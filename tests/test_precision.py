@@ -82,7 +82,7 @@ def _micro_batches(rank: int, step: int, accum_steps: int, micro: int) -> list:
 def _step(engine, loss_fn, batches):
     from pipeline.step import train_step
 
-    return train_step(engine, loss_fn, batches, torch.device("cpu"), torch.float32, grad_clip=1.0)
+    return train_step(engine, loss_fn, batches, torch.device("cpu"), grad_clip=1.0)
 
 
 # -- host syncs ----------------------------------------------------------------------------------

@@ -207,8 +207,7 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     tokens = open_clip.get_tokenizer("tiny-clip")(["a red circle", "a shape", "two blue squares", "x"])
     normalize = theirs_preprocess.transforms[-1]
     with torch.no_grad():
-        media, tokens = _to_device(Batch(pixels, tokens, ["k"] * 4, torch.full((4,), -1)), torch.device("cpu"),
-                                   torch.float32)
+        media, tokens = _to_device(Batch(pixels, tokens, ["k"] * 4, torch.full((4,), -1)), torch.device("cpu"))
         assert media.dtype == torch.uint8, "the trainer must hand uint8 images to the model unconverted"
         ours_out = ours(media, tokens)
         theirs_images = normalize(pixels.float() / 255)
@@ -247,8 +246,7 @@ def _gradcache_gradients(rank: int, world_size: int, accum_steps: int, zero_stag
     micro = local_batch // accum_steps
     batches = [Batch(media[i * micro:(i + 1) * micro], tokens[i * micro:(i + 1) * micro],
                      [str(k) for k in range(micro)], torch.full((micro,), -1)) for i in range(accum_steps)]
-    loss, _ = backward_step(engine, build_loss(LossConfig(), rank, world_size), batches, torch.device("cpu"),
-                            torch.float32)
+    loss, _ = backward_step(engine, build_loss(LossConfig(), rank, world_size), batches, torch.device("cpu"))
     names = ("clip.visual.conv1.weight", "clip.text_projection", "clip.logit_scale", "clip.ln_final.weight")
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters() if name in names}
     engine.step()
