@@ -908,7 +908,8 @@ def register_cli(subparsers) -> None:
         "build", help="build shards from an embedded set, a folder or a manifest",
         description="Build WebDataset shards ({prefix}-{index:06d}.tar, sizes.json, *_stats.json, classes.json). "
                     "Bad samples (corrupt or missing media, empty captions, duplicate keys) are skipped and "
-                    "counted; a missing manifest column or an unwritable output stops the build at once.",
+                    "counted; a missing manifest column or an unwritable output stops the build at once, and a "
+                    "build that writes no sample fails; a failed build leaves no output directory it created.",
         formatter_class=_DefaultsFormatter)
     build.add_argument("--source", choices=SOURCES, required=True,
                        help="shapes/tones: the embedded generated sets; folder: media files with sidecar .txt/.json "
@@ -957,7 +958,7 @@ def register_cli(subparsers) -> None:
         description="Check data set directories or shard URLs (local or fsspec, brace patterns allowed): every "
                     "tar readable to the end, every sample has media and a caption (samples grouped as the loader "
                     "groups them), per-shard counts equal sizes.json or, without one, each shard's *_stats.json "
-                    "(img2dataset). Lists the problems; exits 1 when there is any.")
+                    "(img2dataset). Lists the problems; exits 1 when there is any, 2 when there is no shard to check.")
     check.add_argument("urls", nargs="+", metavar="URL", help="data set directory or shard (.tar) URL")
     _add_storage_option(check)
     check.add_argument("--quiet", action="store_true", help="no progress bar")
