@@ -11,9 +11,10 @@
 
 One run measures, one after the other, on the same model, batch, precision and synthetic batches:
   ours                    one DeepSpeed engine built by training's own builder (`pipeline.train.build_engine_for`:
-                          model, optimizer, LR schedule, engine, compile, seeds, TF32 on CUDA as train.tf32 sets it)
-                          from the run config these flags stand for, stepped by training's own
-                          `pipeline.step.train_step` (plain, or GradCache with --accum-steps);
+                          model, optimizer, LR schedule, engine, compile, seeds, and TF32 on CUDA as train.tf32 sets
+                          it by default, as open_clip's trainer does; the hand-written peer runs after it in this
+                          process under the same setting) from the run config these flags stand for, stepped by
+                          training's own `pipeline.step.train_step` (plain, or GradCache with --accum-steps);
                           device-resident synthetic batches (the step alone) or --data shards (the loader included:
                           the loader's batches go into the step as in training, --decode cpu|gpu is data.decode);
   ours, synthetic data    with --data, the same engine and batch on synthetic batches right after: the table gives
