@@ -69,6 +69,7 @@ above (valid False, key "", label -1). Evaluation must ignore those rows.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import io
@@ -78,6 +79,7 @@ import math
 import random
 import tarfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -85,10 +87,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.multiprocessing
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import imagedecode, mixture, shardformat, storage
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -839,6 +842,25 @@ class StreamingDataset(IterableDataset):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # one core per worker: decoding is parallel across workers, not inside one
+    # a stop signal sent to the job's whole process tree must not kill a worker while its rank finishes the
+    # step and saves (deepspeed's launch.py signals every descendant); the rank stops its workers itself
+    ignore_stop_signals()
+
+
+_open_loaders: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """At exit multiprocessing ends daemon children with SIGTERM and waits for them: our workers ignore it, so
+    stop them in order first (a loader that an exception's traceback keeps alive is still open here), then
+    kill what is left. Registered after multiprocessing's own exit hook, so it runs before it."""
+    for loader in list(_open_loaders):
+        loader.close()
+    for child in torch.multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 STAT_MEANINGS = {
@@ -916,6 +938,7 @@ class StreamingLoader:
         self.defer_decode = False
         self.stats: dict[str, int] = Counter(dict.fromkeys(STAT_KEYS, 0))
         self._loader = self._data_loader()
+        _open_loaders.add(self)
 
     def _data_loader(self) -> DataLoader:
         """A DataLoader over the dataset as it is now (its workers get a copy of it when they start)."""
@@ -1007,6 +1030,23 @@ class StreamingLoader:
         urls = sorted({seg.url for seg in plan.segments for t in targets.tolist()
                        if seg.offset <= t < seg.offset + seg.end - seg.first})
         return f"epoch {self.epoch} batch {batch} (stream {stream}) was to be read from {', '.join(urls)}"
+
+    def close(self) -> None:
+        """Stop the workers now. A run that stops on a signal cannot leave this to the garbage collector (the
+        exception's traceback keeps the loader alive until interpreter exit), and at exit multiprocessing ends
+        daemon workers with SIGTERM, which they ignore (`_worker_init`): they would be waited on for ever."""
+        live, self._live, self._live_next = self._live, None, None
+        self._loader._iterator = None  # persistent workers: the DataLoader keeps its iterator too
+        if live is None:
+            return
+        workers = list(getattr(live, "_workers", ()))  # torch's multi-process iterator; none with workers=0
+        shutdown = getattr(live, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # what the iterator's __del__ does: each worker is told to exit and joined (5 s at most)
+        for worker in workers:
+            if worker.is_alive():  # stuck in a read past the orderly shutdown
+                worker.kill()
+                worker.join()
 
     def state_dict(self) -> dict[str, Any]:
         dataset = self.dataset

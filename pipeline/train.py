@@ -210,7 +210,8 @@ def train(cfg) -> dict[str, Any]:
     bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
     batches, last_eval = _batches_forever(loader), {}
     window, compile_timer, first_step = LogWindow(dist.world_size, precision), CompileTimer(compiled), state.step
-    # SIGTERM / SIGUSR1: finish the step, save, exit 75 (requeue); checkpoint.every_minutes: timed saves
+    # SIGTERM / SIGUSR1 / SIGINT or the launcher gone: finish the step, save, exit 75 (requeue);
+    # checkpoint.every_minutes: timed saves
     stop_signals, preempted = StopSignals(every_minutes=cfg.checkpoint.every_minutes).install(), None
 
     engine.train()
@@ -247,17 +248,22 @@ def train(cfg) -> dict[str, Any]:
             preempted = Preempted(step, check.reason)
             break
     bar.close()
-    stop_signals.uninstall()
     if preempted is not None:
+        stop_signals.stopping()  # saved: a launcher terminating the job now must not turn our 75 into -15
+        batches.close()
+        loader.close()
         metrics_log.close()
         distributed.barrier()
         raise preempted
+    stop_signals.uninstall()
     if state.step >= cfg.train.steps:
         last_eval = run_eval()
     distributed.average_buffers(engine.module)
     checkpoints.save(engine, state.step, state.state_dict())
     # what the data lacked, over all ranks (a collective, before rank 0 alone reports it)
     lost = {k: v for k, v in sum_stats_across_ranks(loader.stats).items() if v and k != "samples_read"}
+    batches.close()
+    loader.close()
     metrics_log.close()
     if dist.is_main:
         if (run_dir / "metrics.jsonl").is_file():

@@ -94,7 +94,7 @@ def _poll_on_ranks(rank: int, world_size: int) -> list:
 def test_every_rank_stops_when_one_is_signalled():
     results = run_ranks(_poll_on_ranks, 2, timeout=120)
     assert results[0][0] == results[1][0] == (False, False)
-    assert results[0][1] == (True, True, "another rank received a stop signal")
+    assert results[0][1] == (True, True, "another rank was told to stop")
     assert results[1][1] == (True, True, "SIGUSR1 received")
 
 
