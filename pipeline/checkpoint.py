@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, randomness
 from pipeline.errors import ConfigError
 from pipeline.storage import is_remote
 from pipeline.storage import url_to_fs as _fs
@@ -716,9 +716,8 @@ class CheckpointManager:
             trainer_state = self._load_as_saved(engine, root, tag, where, self.rank % saved_world)
         if self.rank >= saved_world:
             seed = _lookup(trainer_state, "config.train.seed")
-            seed_everything(int(np.random.SeedSequence(
-                [0 if seed is _MISSING else int(seed), int(trainer_state.get("step", 0)), self.rank]
-            ).generate_state(1)[0]))
+            seed_everything(randomness.seed_int(0 if seed is _MISSING else int(seed), "new_rank",
+                                         int(trainer_state.get("step", 0)), self.rank))
             trainer_state = {**trainer_state, "rng": rng_state()}
         if self._is_ours(root):
             self._continues = True

@@ -90,7 +90,7 @@ import torch
 import torch.multiprocessing
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import imagedecode, mixture, shardformat, storage
+from pipeline import imagedecode, mixture, randomness, shardformat, storage
 from pipeline.errors import ConfigError, ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -563,7 +563,7 @@ class StreamingDataset(IterableDataset):
         """The epoch's shard pieces in their (seed, epoch) order, end to end."""
         if self.mixture_counts:  # each source's share of this epoch (pipeline.mixture)
             return mixture.epoch_pieces(self.sources, self.mixture_counts, self.seed, epoch)
-        permutation = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.shards))
+        permutation = randomness.generator(self.seed, "shard_order", epoch).permutation(len(self.shards))
         return _whole([self.shards[i] for i in permutation])
 
     def _cut(self, epoch: int, layout: Layout) -> tuple[int, int]:
@@ -576,8 +576,9 @@ class StreamingDataset(IterableDataset):
                      first: int | None = None) -> np.ndarray:
         """Emission order (positions in the stream) of `stream` of layer `layer` of an epoch: layer 0 is the
         epoch's own layout (the order every plan uses), later layers are elastic resumes."""
-        key = [self.seed, epoch, stream, 2] if layer == 0 else [self.seed, epoch, stream, 5, layer]
-        return shuffle_order(length, layout.shuffle_buffer, np.random.default_rng(key), first)
+        draws = (randomness.generator(self.seed, "shuffle_buffer", epoch, stream) if layer == 0
+                 else randomness.generator(self.seed, "elastic_shuffle_buffer", epoch, stream, layer))
+        return shuffle_order(length, layout.shuffle_buffer, draws, first)
 
     def _slices(self, epoch: int) -> tuple[int, list[np.ndarray], int]:
         """Elastic epoch: (circle start, the positions each of this layout's streams reads, samples left
@@ -630,13 +631,13 @@ class StreamingDataset(IterableDataset):
             return StreamPlan(segments, np.arange(end - start, dtype=np.int64), self.stream_batches)
         length = self.stream_batches * batch
         if self.cfg.resampled:
-            rng = np.random.default_rng([self.seed, epoch, stream, 1])
+            draws = randomness.generator(self.seed, "resampled_shards", epoch, stream)
             probabilities = np.asarray(self.weights, dtype=np.float64)
             probabilities /= probabilities.sum()
             segments, filled = [], 0
             while filled < length:
-                source = self.sources[rng.choice(len(self.sources), p=probabilities)]
-                url, size = source[rng.integers(len(source))]
+                source = self.sources[draws.choice(len(self.sources), p=probabilities)]
+                url, size = source[draws.integers(len(source))]
                 take = min(size, length - filled)
                 if take > 0:
                     segments.append(Segment(url, 0, take, filled, size))
@@ -649,7 +650,7 @@ class StreamingDataset(IterableDataset):
 
     # --- decoding
     def _sample_seed(self, epoch: int, stream: int, index: int) -> int:
-        return int(np.random.SeedSequence([self.seed, epoch, stream, index]).generate_state(1)[0])
+        return randomness.seed_int(self.seed, "sample", epoch, stream, index)
 
     def _decode(self, entry: _Entry, sample_seed: int, note) -> tuple | None:
         """-> (media, caption, label), or None when the sample is bad (counted and logged)."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import randomness, storage
 from pipeline.errors import ConfigError
 
 
@@ -127,14 +127,14 @@ def epoch_pieces(sources: list[list[tuple[str, int]]], counts: list[int], seed: 
     for index, (shards, count) in enumerate(zip(sources, counts)):
         # the source's sequence: its shards in an order fixed by the seed (not the epoch), so that the
         # windows of consecutive epochs follow each other through the same sequence
-        order = np.random.default_rng([seed, index, 3]).permutation(len(shards))
+        order = randomness.generator(seed, "source_shard_order", index).permutation(len(shards))
         shards = [shards[i] for i in order]
         size = sum(n for _, n in shards)
         whole, part = divmod(count, size)
         pieces += [(url, 0, n, n) for _ in range(whole) for url, n in shards]
         start = epoch * part % size
         pieces += _window(shards, start, part)
-    order = np.random.default_rng([seed, epoch, 4]).permutation(len(pieces))
+    order = randomness.generator(seed, "mixture_piece_order", epoch).permutation(len(pieces))
     return [pieces[i] for i in order]
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import randomness
 from pipeline.errors import ConfigError
 
 SPLITS = ("train", "val")
@@ -62,7 +63,7 @@ def sample_key(index: int) -> str:
 def _rng(source: str, seed: int, split: str, index: int) -> np.random.Generator:
     if split not in _SPLIT_STREAM:
         raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    return np.random.default_rng([seed, _SOURCE_STREAM[source], _SPLIT_STREAM[split], index])
+    return randomness.generator(seed, "synthetic_sample", _SOURCE_STREAM[source], _SPLIT_STREAM[split], index)
 
 
 def _pick_caption(rng: np.random.Generator, captions_by_level: list[list[str]]) -> tuple[str, int]:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import distributed
+from pipeline import distributed, randomness
 from pipeline.checkpoint import CheckpointManager, check_reachable, seed_everything
 from pipeline.config import RunConfig, dump_config, load_config, to_dict
 from pipeline.data import (
@@ -109,7 +109,7 @@ def _batches_forever(loader) -> Iterator:
 def build_engine_for(cfg, dist, micro: int, load_universal: bool = False) -> tuple[Any, Any, str, bool]:
     """(engine, scheduler, resolved precision, compiled): the same init on every rank. `load_universal`: built to
     load a checkpoint of another world size (CheckpointManager.loads_universal)."""
-    seed_everything(cfg.train.seed)
+    seed_everything(randomness.seed_int(cfg.train.seed, "model_init"))  # the same initial weights on every rank
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     model = build_model(cfg.model)
@@ -125,7 +125,7 @@ def build_engine_for(cfg, dist, micro: int, load_universal: bool = False) -> tup
         log_every=cfg.train.log_every, load_universal=load_universal,
     )
     engine = build_engine(model, optimizer, scheduler, ds_config)
-    torch.manual_seed(cfg.train.seed * 1000 + dist.rank)  # each rank its own dropout stream
+    torch.manual_seed(randomness.seed_int(cfg.train.seed, "rank_stream", dist.rank))  # each rank its own dropout stream
     return engine, scheduler, precision, compiled
 
 
