@@ -970,7 +970,8 @@ def register_cli(subparsers) -> None:
                     "member name up to the first dot of its base name, directory included; the field is the "
                     "rest, lower-cased; names webdataset skips, such as .hidden or macOS ._* files, are "
                     "skipped). One line per sample: KEY  FIELD=BYTES ...; a sample the loader skips (a member "
-                    "name twice) is marked 'skipped: REASON'. Samples are read in shard order without decoding.",
+                    "name twice) is marked 'skipped: REASON'. Samples are read in shard order without decoding. "
+                    "Where there is no sample to list, it says so and exits 2.",
         formatter_class=_DefaultsFormatter)
     listing.add_argument("urls", nargs="+", metavar="URL",
                          help="data set directory, shard (.tar) URL or brace pattern, local or fsspec")
@@ -1027,8 +1028,10 @@ def _run_verify(args) -> int:
 def _run_ls(args) -> int:
     if args.limit < 0:
         raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+    listed = 0
     try:
         for record in list_samples(args.urls, parse_storage_options(args.storage_option), args.limit):
+            listed += 1
             if args.json:
                 print(json.dumps(record))
                 continue
@@ -1041,6 +1044,9 @@ def _run_ls(args) -> int:
         raise UnreadableShard(f"damaged tar ({error})") from None
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout again at exit
+        return 0
+    if not listed:
+        raise ConfigError(f"no samples found at {', '.join(repr(url) for url in args.urls)}: nothing to list")
     return 0
 
 

@@ -319,6 +319,9 @@ def test_ls_errors_end_in_one_line(tmp_path, capsys):
     shard = tmp_path / "shapes-train-000000.tar"
     assert _cli(["shards", "ls", str(tmp_path / "missing.tar")]) == 2
     assert "not found" in _one_error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert _cli(["shards", "ls", str(tmp_path / "empty")]) == 2  # nothing to list: said, not an empty success
+    assert f"no samples found at '{tmp_path / 'empty'}': nothing to list" in _one_error_line(capsys)
     shard.write_bytes(shard.read_bytes()[:1000])  # cut inside the first member
     assert _cli(["shards", "ls", str(shard)]) == 1  # a damaged shard: 1, as a problem verify finds
     assert "damaged tar" in _one_error_line(capsys)
