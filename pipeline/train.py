@@ -229,7 +229,7 @@ def train(cfg) -> dict[str, Any]:
             if dist.is_main:
                 print(f"compiled: the first {compile_timer.steps} steps took {compile_timer.first_steps_s:.1f} s")
         if step % cfg.train.log_every == 0 or step == stop_at:
-            record = log_record(window, state, scheduler, loader, mfu, dist.world_size)
+            record = log_record(window, state, scheduler, mfu, dist.world_size)
             metrics_log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record.get('samples_per_s', 0):.1f}")
             if dist.is_main and step % (10 * cfg.train.log_every) == 0:
@@ -275,15 +275,18 @@ def train(cfg) -> dict[str, Any]:
     return last_eval
 
 
-def log_record(window: LogWindow, state: TrainState, scheduler, loader, mfu, world_size: int) -> dict[str, Any]:
+def log_record(window: LogWindow, state: TrainState, scheduler, mfu, world_size: int) -> dict[str, Any]:
     """The metrics.jsonl record of a log step: settles the window (the loop's one host read) and sums every
-    rank's data counts (a collective: every rank logs at the same steps)."""
+    rank's data counts (a collective: every rank logs at the same steps): `data/*` over the run so far (across
+    resumes), `data_window/*` since the previous log step."""
     loss, metrics, samples_per_s = window.settle()
+    run_counters, window_counters = state.data_counters()
     record = {
         "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen, "loss": loss,
         "lr": scheduler.get_last_lr()[0], "logit_scale": metrics.get("logit_scale", float("nan")),
         **{f"loss/{k}": v for k, v in metrics.items() if k != "logit_scale"},
-        **{f"data/{k}": v for k, v in sum_stats_across_ranks(loader.stats).items()},
+        **{f"data/{k}": v for k, v in run_counters.items()},
+        **{f"data_window/{k}": v for k, v in window_counters.items()},
     }
     if samples_per_s is not None:  # None for a window that compiled
         record.update(samples_per_s=samples_per_s, samples_per_s_per_gpu=samples_per_s / world_size)

@@ -111,6 +111,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"}
 
 
+def _final_train_record(run_dir: Path) -> dict:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"][-1]
+
+
 def _keys(run_dir: Path, rank: int) -> list[tuple[int, list[str]]]:
     lines = (run_dir / f"keys_rank{rank}.jsonl").read_text().splitlines()
     return [(record["step"], record["keys"]) for record in map(json.loads, lines)]
@@ -159,6 +163,11 @@ def test_stop_kill_and_resume_reproduce_every_step(runs):
     assert _losses(resumed) == _losses(reference)  # exact: fp32 on CPU is deterministic
     for rank in (0, 1):
         assert _keys(resumed, rank) == _keys(reference, rank)
+    # data/* count over the run, across the three invocations (the loader's own counters restart in each)
+    counters = [{k: v for k, v in _final_train_record(run).items() if k.startswith("data/")} for run in (reference, resumed)]
+    assert counters[0] == counters[1] and counters[0]["data/samples_read"] > 0, counters
+    windows = [r for r in read_metrics(resumed / "metrics.jsonl") if r["kind"] == "train"]
+    assert sum(r["data_window/samples_read"] for r in windows) <= counters[1]["data/samples_read"]
     # keep_last=3 (default): the checkpoints from the killed run's later steps were pruned
     tags = sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.startswith("step_"))
     assert tags[-1] == "step_00000006" and len(tags) <= 3
