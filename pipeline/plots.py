@@ -13,6 +13,7 @@ the mode any file the run writes gets (0644 under the usual umask), not the temp
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -100,7 +101,25 @@ def _umask() -> int:
 
 def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None) -> Path:
     """Draw the run's curves into `out_png` (atomically replaced). The title defaults to the run
-    name (the directory holding metrics.jsonl). Returns the PNG path."""
+    name (the directory holding metrics.jsonl). Returns the PNG path.
+
+    A drawing leaves nothing behind. matplotlib's figure, canvas, axes and artists refer to one another, so
+    what a drawing allocated (~10 MiB) is freed only by the cycle collector, whose full collections are rare
+    in a process holding millions of long-lived objects: in the trainer, rank 0's RSS grew by ~6 MiB per 100
+    steps (`python -m pipeline bench soak`, demo config) while rank 1's stayed flat. Drawn with automatic
+    collection paused, every object of the drawing is still in the youngest generation at the end, and
+    collecting that generation alone frees them (a few ms, where a full collection there takes ~150 ms)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _draw_run(metrics_path, out_png, title)
+    finally:
+        gc.collect(0)
+        if enabled:
+            gc.enable()
+
+
+def _draw_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None) -> Path:
     metrics_path, out_png = Path(metrics_path), Path(out_png)
     records = read_metrics(metrics_path)
     run_name = title or (metrics_path if metrics_path.is_dir() else metrics_path.parent).resolve().name
