@@ -5,16 +5,18 @@
     python -m pipeline bench soak --nproc 2 --interval-s 5 --json soak.json --config configs/demo-clip.yaml ...
 
 Training starts as the demo starts it (`pipeline.demo.launch_command`: the deepspeed launcher, else torchrun),
-with its output in `<run dir>/soak-train.log`. Every `--interval-s` seconds each process under the launcher is
-read: VmRSS and its anonymous / file / shared-memory parts from /proc/PID/status, the entries of /proc/PID/fd,
-the thread count, and the step of the newest training record in metrics.jsonl. A process is labelled by the
-RANK its launcher gave it: `rank0`, a child holding the same RANK (a DataLoader worker, in the order they
-appear) `rank0/worker0`, processes without one `launcher0`, `launcher1`, ... The table shows the step and
-each process's RSS (MiB) and open files at evenly spaced samples; the summary, per process, the RSS and
-open files after the warm-up (the first sample at or past `--warmup-fraction` of the steps, by when the
-shuffle buffers are full, the first evaluation and checkpoint have run and every worker has started), at the
-end and at most, and the growth from the first to the last quarter of those samples (medians), up to the last
-step (the final evaluation and save are left out).
+in a process group of its own (an interrupted or terminated soak ends the whole job), with its output in
+`<run dir>/soak-train.log`. Every `--interval-s` seconds each process under the launcher is read: VmRSS and
+its anonymous / file / shared-memory parts from /proc/PID/status, the entries of /proc/PID/fd, the thread
+count, and the step of the newest training record in metrics.jsonl (logged every train.log_every steps).
+A process is labelled by the RANK its launcher gave it: `rank0`; a child holding the same RANK (a DataLoader
+worker, in the order they appear: the training loader's, then the evaluation loader's) `rank0/worker0`;
+processes without one `launcher0`, `launcher1`, ... The table shows the step and each process's RSS (MiB)
+and open files at evenly spaced samples. The summary covers the samples from `--warmup-fraction` of the
+steps (by when the shuffle buffers are full, the first evaluation and save have run and every worker has
+started) up to the last step (the final evaluation and save left out): per process the RSS and open files
+first, last and at most, and the growth from the first to the last quarter of those samples (medians, so
+that the tens of MiB a step allocates and frees again, caught at random phases, do not count).
 Every sample goes into the `--json` file. Linux only (/proc). A figure, not a timed assertion:
 tests/test_bench_soak.py runs it for a few steps.
 """
@@ -168,6 +170,8 @@ def soak(command: list[str], metrics_path: Path, log_path: Path, interval_s: flo
     A sample: {"time_s", "step", "processes": {label: {"pid", "rss", "rss_anon", ..., "fds", "threads"}}}."""
     labels, steps, samples = ProcessLabels(), StepReader(metrics_path), []
     started = time.monotonic()
+    # a SIGTERM to the soak (a timeout, a scheduler) unwinds through the `finally` below, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with open(log_path, "w", encoding="utf-8") as log:
         # its own process group: an interrupted soak ends every process of the job, not the launcher alone
         job = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -198,6 +202,7 @@ def soak(command: list[str], metrics_path: Path, log_path: Path, interval_s: flo
                 except subprocess.TimeoutExpired:
                     os.killpg(job.pid, signal.SIGKILL)
                     job.wait()
+            signal.signal(signal.SIGTERM, previous)
     return job.returncode, samples
 
 
