@@ -197,7 +197,8 @@ class Batch(NamedTuple):
     tokens: torch.Tensor
     """long [B, context]."""
     keys: list[str]
-    """Sample keys; '' where a slot holds no real sample (see `valid`)."""
+    """Sample keys; '' where a slot holds no real sample (see `valid`). With several sources, '<source index>/<key>'
+    (the index in data.mixture's list or the `::` list)."""
     labels: torch.Tensor
     """long [B]; -1 where a sample has no label or a slot no real sample."""
     valid: torch.Tensor | None = None
@@ -513,6 +514,11 @@ class StreamingDataset(IterableDataset):
         self.streams = world_size * self.workers
         self.shards = [shard for source in sources for shard in source]
         self.total = sum(size for _, size in self.shards)
+        # several sources (data.mixture, `::`): a sample's key is '<source index>/<key in its shard>', so that the
+        # keys of sets that number their samples alike (every set `shards build` makes starts at 000000000)
+        # stay apart in Batch.keys and the logged keys
+        self.source_of = ({url: index for index, source in reversed(list(enumerate(sources))) for url, _ in source}
+                          if len(sources) > 1 else {})
         # data.mixture: samples of each source in every epoch (pipeline.mixture); the epoch holds their sum
         self.mixture_counts = mixture_counts if train else None
         self.epoch_total = sum(mixture_counts) if self.mixture_counts else self.total
@@ -558,6 +564,23 @@ class StreamingDataset(IterableDataset):
     def remainder_of(self, epoch: int) -> int:
         """Samples of `epoch` no stream reads (in an elastic epoch: of the part left at the resume)."""
         return self._slices(epoch)[2] if self._is_elastic(epoch) else self.remainder
+
+    def source_counts(self, epoch: int) -> list[int] | None:
+        """Samples each source gives the streams in `epoch` as planned on this layout (its share, less what
+        falls in the epoch's remainder). An epoch resumed elastically is not broken down: its plan replays
+        several layouts: None."""
+        if self._is_elastic(epoch):
+            return None
+        start, length = self._cut(epoch, self.layout)
+        end, total = start + self.layout.streams * length, self.epoch_total
+        counts, position = [0] * len(self.sources), 0
+        for url, first, last, _ in self._pieces(epoch):
+            size = last - first
+            # the read window is [start, end) on the circle of the epoch's positions: it may wrap past its end
+            for low, high in ((start, end), (start - total, end - total)):
+                counts[self.source_of.get(url, 0)] += max(0, min(position + size, high) - max(position, low))
+            position += size
+        return counts
 
     def _pieces(self, epoch: int) -> list[tuple[str, int, int, int]]:
         """The epoch's shard pieces in their (seed, epoch) order, end to end."""
@@ -779,7 +802,7 @@ class StreamingDataset(IterableDataset):
                     holes += 1
                     continue
                 good.append(sample)
-                keys.append(entry.key)
+                keys.append(f"{self.source_of[entry.url]}/{entry.key}" if self.source_of else entry.key)
                 if self.device_crop is not None and isinstance(sample[0], torch.Tensor):
                     counts["decoded_on_cpu"] += 1  # not a JPEG the device decodes: the worker did
             counts["samples_read"] += len(good)

@@ -214,9 +214,16 @@ def train(cfg) -> dict[str, Any]:
     # checkpoint.every_minutes: timed saves
     stop_signals, preempted = StopSignals(every_minutes=cfg.checkpoint.every_minutes).install(), None
 
+    # data.mixture: what each source gives each epoch, said when the epoch begins (rank 0)
+    mixture_sources = [s.urls for s in read_manifest(cfg.data.mixture, cfg.data.storage_options)] \
+        if cfg.data.mixture else []
+    announced_epoch = None
     engine.train()
     while state.step < stop_at:
         micro_batches = [next(batches) for _ in range(cfg.train.accum_steps)]
+        if mixture_sources and loader.epoch != announced_epoch and dist.is_main:
+            announced_epoch = loader.epoch
+            bar.write(mixture_epoch_line(loader, announced_epoch, mixture_sources, cfg.data.mixture))
         keys.append(state.step + 1, micro_batches)
         loss, loss_metrics = train_step(engine, loss_fn, micro_batches, dist.device, cfg.optim.grad_clip)
         state.advance(cfg.train.global_batch_size)
@@ -273,6 +280,16 @@ def train(cfg) -> dict[str, Any]:
                       checkpoint_dir=checkpoints.url, latest=checkpoints.latest_tag()), flush=True)
     distributed.barrier()
     return last_eval
+
+
+def mixture_epoch_line(loader, epoch: int, sources: list[str], manifest: str) -> str:
+    """'epoch 2 of data.mixture mix.yaml: source 0 (urls) 248 samples, ...; 10 left over' for the epoch begun."""
+    counts = loader.dataset.source_counts(epoch)
+    if counts is None:
+        return f"epoch {epoch} of data.mixture {manifest}: resumed on another layout (the rest of the epoch is laid " \
+               "over the new streams)"
+    parts = ", ".join(f"source {i} ({urls}) {count:,} samples" for i, (urls, count) in enumerate(zip(sources, counts)))
+    return f"epoch {epoch} of data.mixture {manifest}: {parts}; {loader.dataset.remainder_of(epoch):,} left over"
 
 
 def log_record(window: LogWindow, state: TrainState, scheduler, mfu, world_size: int) -> dict[str, Any]:

@@ -202,11 +202,12 @@ def test_resampled_mode_mixes_by_weight_deterministic_and_resumes(tmp_path):
     write_dataset(tmp_path / "b", [8, 8], prefix="b")
     urls = f"{tmp_path / 'a'}::{tmp_path / 'b'}"
     only_a = read_all(make_loader(urls, resampled=True, weights=[1.0, 0.0], epoch_samples=40))
-    assert len(only_a) == 10 and all(k.startswith("a") for b in only_a for k in b.keys)
+    assert len(only_a) == 10 and all(k.startswith("0/a") for b in only_a for k in b.keys)  # source 0: a
     settings = dict(resampled=True, weights=[1.0, 3.0], epoch_samples=48)
     mixed = read_all(make_loader(urls, **settings))
     keys = [k for b in mixed for k in b.keys]
-    assert sum(k.startswith("b") for k in keys) > sum(k.startswith("a") for k in keys)
+    assert all(k.startswith(("0/a", "1/b")) for k in keys)
+    assert sum(k.startswith("1/b") for k in keys) > sum(k.startswith("0/a") for k in keys)
     assert_same_batches(mixed, read_all(make_loader(urls, **settings)))
     loader = make_loader(urls, **settings)
     head = read_all(loader, limit=5)

@@ -42,7 +42,14 @@ def epoch_keys(batches) -> Counter:
 
 
 def by_source(keys: Counter) -> dict[str, Counter]:
-    return {name: Counter({k: n for k, n in keys.items() if k.startswith(name)}) for name in SOURCES}
+    """Keys are '<source index>/<key>' with several sources: split by source, the shard keys without the index."""
+    split, owner = {name: Counter() for name in SOURCES}, {}
+    for key, count in keys.items():
+        index, shard_key = key.split("/", 1)
+        name = next(name for name in SOURCES if shard_key.startswith(name))
+        assert owner.setdefault(index, name) == name, key  # one index, one source
+        split[name][shard_key] += count
+    return split
 
 
 # big down-sampled to half, even taken whole, small up-sampled to 2.5 passes: 12 + 16 + 20 = 48 samples,
@@ -174,3 +181,19 @@ def test_the_trainer_accepts_a_mixture_instead_of_train_urls(sources):
                                                             "data.train_urls=", "data.val_urls="])
     with pytest.raises(ConfigError, match="absent.yaml"):
         validate(cfg, 1)
+
+
+@pytest.mark.parametrize("epoch_samples", [0, 30])  # 30: 2 samples of every epoch left over
+def test_source_counts_say_what_each_source_gave_each_epoch(sources, epoch_samples):
+    from pipeline.train import mixture_epoch_line
+
+    path = manifest(sources, [("big", {"weight": 2}), ("small", {"weight": 1})])
+    mix = loader(path, epoch_samples=epoch_samples, workers=1)
+    for epoch in range(3):
+        read = Counter(key.split("/", 1)[0] for batch in read_all(mix) for key in batch.keys)
+        planned = mix.dataset.source_counts(epoch)
+        assert planned == [read["0"], read["1"]], (epoch, planned, read)
+        assert sum(planned) + mix.dataset.remainder_of(epoch) == (epoch_samples or 32)
+        line = mixture_epoch_line(mix, epoch, ["shards/big", "shards/small"], path)
+        assert line == (f"epoch {epoch} of data.mixture {path}: source 0 (shards/big) {planned[0]} samples, "
+                        f"source 1 (shards/small) {planned[1]} samples; {mix.dataset.remainder_of(epoch)} left over")
