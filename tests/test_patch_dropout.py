@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import randomness
 from pipeline.errors import ConfigError
 from pipeline.models import ModelConfig, PatchDropout, build_model, patch_dropout_rows
 from tests.distributed_helpers import run_ranks
@@ -129,7 +130,7 @@ def _gradients(rank: int, world_size: int, accum_steps: int, step_seed: int, pat
     tokens = torch.randint(1, 49000, (local_batch, 32), generator=generator)
     batches = [Batch(pixels[i * micro:(i + 1) * micro], tokens[i * micro:(i + 1) * micro],
                      [str(k) for k in range(micro)], torch.full((micro,), -1)) for i in range(accum_steps)]
-    torch.manual_seed(step_seed * 1000 + rank)  # as the trainer: each rank its own dropout stream
+    torch.manual_seed(randomness.seed_int(step_seed, "rank_stream", rank))  # as the trainer: each rank its own stream
     loss, _ = backward_step(engine, build_loss(LossConfig(), rank, world_size), batches, torch.device("cpu"))
     grads = {name: safe_get_full_grad(p).clone() for name, p in engine.module.named_parameters()}
     return {"loss": float(loss), "grads": grads}
