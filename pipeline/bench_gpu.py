@@ -63,21 +63,13 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-# the precision names are open_clip's (open_clip_train's --precision takes the same ones)
 from pipeline.bench import cell, format_cells, write_results
 from pipeline.errors import ConfigError
-from pipeline.flops import (
-    MATMUL_DTYPE,
-    flops_per_sample,
-    measure_matmul_peak,
-    synchronize,
-    utilisation,
-)
-from pipeline.parallelize import PRECISIONS
+
+if TYPE_CHECKING:  # torch is imported where a benchmark runs, not for `bench gpu --help`
+    import torch
 
 DEFAULT_JSON = "runs/bench-gpu.json"
 OPEN_CLIP_LOG_LINE = re.compile(r"Batch \(t\): (?P<batch_time>[0-9.]+), [0-9.e+]+/s, [0-9.e+]+/s/gpu")
@@ -93,9 +85,9 @@ RUN_LABELS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ViT-B-32", help="model name (pipeline.models.ModelConfig.name)")
-    parser.add_argument("--precision", default="amp_bf16", choices=PRECISIONS,
+    parser.add_argument("--precision", default="amp_bf16",
                         help="amp_bf16: fp32 master weights, bf16 autocast; amp: fp16 autocast, dynamic loss "
-                        "scaling; fp32. The same name goes to every peer")
+                        "scaling; fp32. The names are open_clip's: the same name goes to every peer")
     parser.add_argument("--batch-size", type=int, default=256, help="local micro-batch per GPU")
     parser.add_argument("--accum-steps", type=int, default=1,
                         help="GradCache micro-batches per step: the contrastive batch is batch x accum x world")
@@ -217,6 +209,9 @@ class PhaseClock:
     @contextlib.contextmanager
     def phase(self, name: str, host: bool = False):
         """`host`: a phase of host work (waiting for data) timed with perf_counter even on CUDA."""
+        import torch
+
+        from pipeline.flops import synchronize
         parent = self._stack[-1] if self._stack else None
         self._stack.append(name)
         try:
@@ -236,6 +231,7 @@ class PhaseClock:
             self._stack.pop()
 
     def finish_step(self) -> None:
+        from pipeline.flops import synchronize
         synchronize(self.device)
         for name, parent, start, end in self._pending:
             self._add(name, parent, start.elapsed_time(end) / 1000.0)
@@ -367,6 +363,8 @@ def synthetic_batches(model_cfg, device: torch.device, batch_size: int, count: i
                       channels_last: bool = False) -> list:
     """`count` distinct random batches, already on the device in fp32 (autocast casts): the step alone. The
     same values for every caller with the same rank, so ours and the peers see the same data."""
+    import torch
+
     from pipeline.data import Batch
 
     generator = torch.Generator().manual_seed(1000 + rank)
@@ -391,6 +389,7 @@ def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list
     """Step after step, the `accum_steps` micro-batches of one step: synthetic ones already on the device, or
     (--data, unless `synthetic`) the loader's batches exactly as training gets them (the step copies them to
     the device; with --decode gpu the loader hands them over there)."""
+    import torch
     if synthetic or not args.data:
         batches = synthetic_micro_batches(run, args.batch_size, args.accum_steps, args.channels_last)
         while True:
@@ -451,6 +450,7 @@ def time_steps(step: Callable[[Any], torch.Tensor], source: Iterator, steps: int
                device: torch.device) -> dict[str, float]:
     """Mean seconds per `step(next(source))` over `steps` calls, with no host synchronisation between the
     first and the last: one synchronisation before, one after. Every row of the bench is timed by this."""
+    from pipeline.flops import synchronize
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -462,6 +462,7 @@ def time_steps(step: Callable[[Any], torch.Tensor], source: Iterator, steps: int
 
 def measure_breakdown(run: BenchRun, source: Iterator[list], steps: int) -> dict[str, float]:
     """Mean seconds per step of each phase, and of the whole (instrumented) step."""
+    from pipeline.flops import synchronize
     clock = PhaseClock(run.device)
     engine, loss_fn = _PhaseTimedEngine(run.engine, clock), _PhaseTimedLoss(run.loss_fn, clock)
     step_seconds = 0.0
@@ -481,10 +482,12 @@ def measure_breakdown(run: BenchRun, source: Iterator[list], steps: int) -> dict
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def _release_after_failure(run: BenchRun) -> None:
+    import torch
     run.engine.zero_grad()
     gc.collect()
     if run.device.type == "cuda":
@@ -493,6 +496,7 @@ def _release_after_failure(run: BenchRun) -> None:
 
 def step_fits(run: BenchRun, batch_size: int, accum_steps: int = 1) -> bool:
     """Whether one full step (forward, backward, optimizer) at this micro-batch and accumulation runs."""
+    from pipeline.flops import synchronize
     run.engine.set_train_micro_batch_size(batch_size)
     run.engine.set_train_batch_size(batch_size * accum_steps * run.world_size)
     micro_steps = run.engine.micro_steps
@@ -567,6 +571,7 @@ def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, budget_s
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
+    import torch
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
@@ -580,6 +585,7 @@ def host_peak_rss_gb() -> float:
 
 def _release(device: torch.device, compiled: bool = False) -> None:
     """Free what the previous row left behind, so the next row's peak memory is its own."""
+    import torch
     if compiled:
         torch._dynamo.reset()  # compiled graphs hold the previous model's tensors
     gc.collect()
@@ -661,7 +667,9 @@ def handwritten_step(args, device: torch.device, compiled: bool) -> Callable[[An
     """The step a user writes around open_clip: its model in fp32, torch's AdamW (fused on CUDA), autocast
     in the run's precision (a GradScaler for fp16), open_clip's ClipLoss. Returns step(batch) -> loss."""
     import open_clip
+    import torch
 
+    from pipeline.flops import MATMUL_DTYPE
     from pipeline.models import register_open_clip_configs
 
     register_open_clip_configs()  # tiny-clip and our other configs, by name
@@ -713,6 +721,9 @@ def handwritten_skip_reason(args, model_cfg) -> str | None:
 def measure_handwritten(args, model_cfg, device: torch.device, compiled: bool) -> dict[str, Any]:
     """The hand-written step timed as ours is: `--warmup` steps (compilation included), then `--steps`
     steps with no host synchronisation in between, on the same synthetic batches (fp32: autocast casts)."""
+    import torch
+
+    from pipeline.flops import synchronize
     batch = synthetic_batches(model_cfg, device, args.batch_size, 1, 0, args.channels_last)[0]
 
     def batches():
@@ -785,6 +796,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 # -- the command -----------------------------------------------------------------------------------
 def _validate(args) -> None:
+    from pipeline.parallelize import check_precision_name
+
+    if args.precision == "auto":
+        raise ConfigError("--precision: name amp_bf16, amp or fp32 (the same name goes to every peer)")
+    check_precision_name(args.precision)
     for flag in ("batch_size", "accum_steps", "steps", "breakdown_steps", "find_max_batch_budget_s"):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -800,6 +816,7 @@ def measure_ours(bench: BenchRun, args, synthetic: bool = False) -> dict[str, An
     """Ours on --data (or synthetic batches): `--warmup` steps, then the timed steps with the wait for each
     batch recorded (host time in the loader, the loop otherwise unsynchronised), then the breakdown (not
     for the synthetic companion row of a --data run)."""
+    import torch
     source = _batch_source(bench, args, synthetic)
     for _ in range(args.warmup):
         bench.step(next(source))
@@ -834,6 +851,9 @@ def _peer_plan(args, model_cfg, device: torch.device,
 
 
 def run(args) -> int:
+    import torch
+
+    from pipeline.flops import MATMUL_DTYPE, flops_per_sample, measure_matmul_peak, utilisation
     _validate(args)
     from pipeline import distributed
 

@@ -32,10 +32,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from pipeline.losses import LossConfig, build_loss
+if TYPE_CHECKING:  # torch is imported in the measuring process, not for `bench loss-memory --help`
+    import torch
 
 MMAP_THRESHOLD_BYTES = 64 * 1024
 MILLION_BATCH = 1_048_576
@@ -49,11 +49,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunk-size", type=int, default=1024, help="loss.chunk_size (0: the unchunked N x N path)")
     parser.add_argument("--kinds", nargs="+", default=["clip", "siglip"], choices=["clip", "siglip"],
                         help="loss.kind values to measure")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu (peak resident memory of a fresh process) or cuda (max_memory_allocated)")
+    parser.add_argument("--device", default=None,
+                        help="cpu (peak resident memory of a fresh process) or cuda (max_memory_allocated); "
+                        "default: cuda where there is a GPU, else cpu")
 
 
 def run(args) -> int:
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for kind in args.kinds:
         rows = measure(kind, args.sizes, args.dim, args.chunk_size, args.device)
         print_table(kind, rows, args.dim, args.chunk_size, args.device)
@@ -113,6 +117,8 @@ def _status_kib(field: str) -> int:
 
 
 def _loss_inputs(kind: str, n: int, dim: int, device: str) -> dict[str, torch.Tensor]:
+    import torch
+
     generator = torch.Generator().manual_seed(n)
     media = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).to(device)
     text = torch.nn.functional.normalize(torch.randn(n, dim, generator=generator), dim=1).to(device)
@@ -131,6 +137,10 @@ def _forward_backward(loss_fn, inputs: dict[str, torch.Tensor]) -> None:
 
 
 def _measure_here(kind: str, sizes: list[int], dim: int, chunk_size: int, device: str) -> list[dict]:
+    import torch
+
+    from pipeline.losses import LossConfig, build_loss
+
     cuda = device.startswith("cuda")
     loss_fn = build_loss(LossConfig(kind=kind, chunk_size=chunk_size))
     _forward_backward(loss_fn, _loss_inputs(kind, min(sizes[0], 2 * max(chunk_size, 256)), dim, device))

@@ -32,9 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.demo import launch_command
-from pipeline.train import load_run_config, run_dir_of
-
 STATUS_FIELDS = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "RssShmem": "rss_shmem"}
 
 
@@ -264,6 +261,12 @@ def run(args) -> int:
     overrides = list(args.overrides)
     if not any(item.startswith("train.overwrite=") for item in overrides):
         overrides.append("train.overwrite=true")  # a soak is run again and again, like the demo
+    from pipeline.demo import launch_command
+    from pipeline.train import (  # torch, deepspeed: when the soak runs, not for --help
+        load_run_config,
+        run_dir_of,
+    )
+
     cfg = load_run_config(args.config, overrides)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

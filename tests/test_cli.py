@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.bench import BENCHMARKS
 from pipeline.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +28,8 @@ print(json.dumps({"code": code, "heavy": [m for m in HEAVY if m in sys.modules]}
 """.replace("HEAVY", repr(HEAVY))
 
 
-@pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in COMMANDS], ["bench", "shards", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in COMMANDS],
+                                  *[["bench", name, "--help"] for name in BENCHMARKS],
                                   ["shards", "build", "--help"]], ids=lambda argv: " ".join(argv))
 def test_help_imports_no_heavy_module(argv):
     result = subprocess.run([sys.executable, "-c", PROBE, *argv], cwd=REPO, capture_output=True, text=True,
