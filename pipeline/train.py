@@ -215,8 +215,9 @@ def train(cfg) -> dict[str, Any]:
     stop_signals, preempted = StopSignals(every_minutes=cfg.checkpoint.every_minutes).install(), None
 
     # data.mixture: what each source gives each epoch, said when the epoch begins (rank 0)
+    # (rank 0 alone prints it: the other ranks do not read the manifest again, 1,024 ranks would be 1,024 GETs)
     mixture_sources = [s.urls for s in read_manifest(cfg.data.mixture, cfg.data.storage_options)] \
-        if cfg.data.mixture else []
+        if cfg.data.mixture and dist.is_main else []
     announced_epoch = None
     engine.train()
     while state.step < stop_at:
