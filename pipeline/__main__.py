@@ -1,10 +1,10 @@
-"""`python -m pipeline <command>` (pipeline.cli). Under pipeline.supervise, the exit status is also written where
+"""`python -m pipeline <command>` (pipeline.cli). Under pipeline.commands.supervise, the exit status is also written where
 the supervisor reads it (a launcher in between may turn a rank's 75 into its own failure status)."""
 
 import sys
 
 from pipeline.cli import main
-from pipeline.errors import write_exit_status
+from pipeline.core.errors import write_exit_status
 
 
 def run() -> int:

@@ -16,7 +16,7 @@ or unknown setting, a missing or unreadable run, checkpoint or file: ConfigError
 or found nothing to check; a diverged run: FloatingPointError, "loss is nan at step N"); 1 with the same
 one line for a shard that cannot be read (`shards ls`, `shards index`), as for a problem `shards verify`
 finds; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint
-(pipeline.preemption: requeue and resume with train.resume=auto); anything else is a bug or an
+(pipeline.train.preemption: requeue and resume with train.resume=auto); anything else is a bug or an
 environment failure and keeps its traceback (1). Under a launcher only rank 0 prints the line; every
 rank exits with the same status.
 """
@@ -30,12 +30,12 @@ import sys
 
 # command name -> (module that registers it, its line in `python -m pipeline --help`)
 COMMANDS = {
-    "shards": ("pipeline.shards", "build, verify, list or index WebDataset tar shards"),
-    "train": ("pipeline.train_command", "train with DeepSpeed (any launcher, or one process)"),
-    "demo": ("pipeline.demo", "build the embedded shards, train on 2 local ranks, print held-out results"),
-    "eval": ("pipeline.runs", "retrieval R@1/5/10 and zero-shot accuracy of a trained run on held-out shards"),
-    "export": ("pipeline.runs", "write a run's weights as an open_clip state dict"),
-    "bench": ("pipeline.bench", "run a benchmark (`bench --help` lists them)"),
+    "shards": ("pipeline.shards.build", "build, verify, list or index WebDataset tar shards"),
+    "train": ("pipeline.commands.train", "train with DeepSpeed (any launcher, or one process)"),
+    "demo": ("pipeline.commands.demo", "build the embedded shards, train on 2 local ranks, print held-out results"),
+    "eval": ("pipeline.commands.runs", "retrieval R@1/5/10 and zero-shot accuracy of a trained run on held-out shards"),
+    "export": ("pipeline.commands.runs", "write a run's weights as an open_clip state dict"),
+    "bench": ("pipeline.bench.table", "run a benchmark (`bench --help` lists them)"),
 }
 
 
@@ -82,11 +82,13 @@ def report(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    from pipeline.preemption import Preempted  # (imports torch) only once a command runs: not for --help
+    from pipeline.train.preemption import (
+        Preempted,  # (imports torch) only once a command runs: not for --help
+    )
 
     if not getattr(args, "func", None):
         parser.print_help()

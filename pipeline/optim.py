@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 
 @dataclasses.dataclass

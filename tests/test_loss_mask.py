@@ -1,6 +1,6 @@
 """Slots without a real sample (`outputs["valid"]` False) take no part in any loss.
 
-Contract under test (pipeline/losses.py): a batch with k rows marked invalid gives the loss and the
+Contract under test (pipeline/loss.py): a batch with k rows marked invalid gives the loss and the
 gradients of the same batch with those k rows removed, for every loss kind, chunked or not, on one
 process and across ranks (the marked rows on one rank only), where the per-rank losses average to it.
 Tolerance: 1e-5 relative to the largest entry of each tensor, fp32 (the sums run in another order).
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import LossConfig, build_loss
+from pipeline.loss import LossConfig, build_loss
 from tests.distributed_helpers import run_ranks
 from tests.test_losses import GLOBAL_BATCH, PARAMS, _close, _global_inputs
 

@@ -1,6 +1,6 @@
 """Global-batch losses: multi-rank (real gloo processes) equals one process on the concatenated batch.
 
-The per-rank convention under test (pipeline/losses.py): the mean over ranks of the per-rank loss and
+The per-rank convention under test (pipeline/loss.py): the mean over ranks of the per-rank loss and
 of every replicated parameter's gradient equals the single-process value; a rank's own input features
 receive W times the single-process gradient (the gather sums what every rank's loss sends them), which
 the data-parallel average of parameter gradients then divides by W.
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import ConfigError
-from pipeline.losses import KINDS, LossConfig, build_loss, gather_features
+from pipeline.core.errors import ConfigError
+from pipeline.loss import KINDS, LossConfig, build_loss, gather_features
 from tests.distributed_helpers import run_ranks
 
 GLOBAL_BATCH, RAW_DIM, EMBED_DIM = 8, 12, 6

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.losses import LossConfig, build_loss
-from pipeline.models import ModelConfig, build_model
+from pipeline.loss import LossConfig, build_loss
+from pipeline.model.contrastive import ModelConfig, build_model
 from pipeline.optim import OptimConfig, build_optimizer, lr_factor
 
 

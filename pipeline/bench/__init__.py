@@ -1,0 +1,1 @@
+"""Benchmarks against peers, each printing figures and ratios side by side."""

@@ -1,0 +1,1 @@
+"""Checkpoints: atomic save and prune, the start plan, resume checks, elastic (universal) load."""

@@ -1,0 +1,1 @@
+"""The data layer: shard format and index, mixtures, the epoch plan, the streaming dataset and loader."""

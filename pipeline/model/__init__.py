@@ -1,0 +1,1 @@
+"""The towers: open_clip image-text models and the audio-text (CLAP) model; no training concerns."""

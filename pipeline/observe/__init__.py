@@ -1,0 +1,1 @@
+"""Observing a run: metrics.jsonl and TensorBoard, plots, FLOPs and MFU."""

@@ -1,0 +1,1 @@
+"""Building, verifying and listing WebDataset shards; the embedded synthetic sets."""

@@ -1,0 +1,1 @@
+"""The trainer: run config, state, one step, preemption, the loop."""
