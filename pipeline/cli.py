@@ -30,7 +30,7 @@ import sys
 
 # command name -> (module that registers it, its line in `python -m pipeline --help`)
 COMMANDS = {
-    "shards": ("pipeline.shards.build", "build, verify, list or index WebDataset tar shards"),
+    "shards": ("pipeline.shards.cli", "build, verify, list or index WebDataset tar shards"),
     "train": ("pipeline.commands.train", "train with DeepSpeed (any launcher, or one process)"),
     "demo": ("pipeline.commands.demo", "build the embedded shards, train on 2 local ranks, print held-out results"),
     "eval": ("pipeline.commands.runs", "retrieval R@1/5/10 and zero-shot accuracy of a trained run on held-out shards"),

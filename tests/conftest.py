@@ -17,7 +17,8 @@ def s3_server():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from pipeline.shards.build import BuildConfig, build_shards
+    from pipeline.shards.build import build_shards
+    from pipeline.shards.config import BuildConfig
 
     root = tmp_path_factory.mktemp("shapes") / "train"
     build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),

@@ -128,8 +128,8 @@ def build_shards(directory: Path, samples: int, size: int, processes: int | None
     as many workers. Kept and reused when already complete (the builder writes sizes.json last)."""
     from tqdm import tqdm
 
-    from pipeline.shards.build import BuildConfig
     from pipeline.shards.build import build_shards as build_data_set
+    from pipeline.shards.config import BuildConfig
 
     sizes_path = directory / "sizes.json"
     if sizes_path.exists():

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.shards.build import BuildConfig, build_shards
+from pipeline.shards.build import build_shards
+from pipeline.shards.config import BuildConfig
 
 WIDTH, HEIGHT = 640, 480
 

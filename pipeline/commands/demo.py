@@ -28,7 +28,8 @@ def ensure_embedded_shards(cfg) -> None:
         directory = Path(urls)
         if not urls or (directory / SIZES_FILE).is_file():
             continue
-        from pipeline.shards.build import BuildConfig, build_shards
+        from pipeline.shards.build import build_shards
+        from pipeline.shards.config import BuildConfig
 
         source = "tones" if cfg.data.modality == "audio" else "shapes"
         print(f"building the embedded '{source}' {split} shards into {directory}", flush=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench.gpu import Budget, largest_fitting
+from pipeline.bench.gpu_search import Budget, largest_fitting
 from pipeline.core import randomness
 from tests.distributed_helpers import run_ranks
 
@@ -78,6 +78,7 @@ def _bench_and_trainer_steps(rank: int, world_size: int, argv: list[str], overri
     import argparse
 
     from pipeline.bench import gpu as bench_gpu
+    from pipeline.bench import gpu_ours
     from pipeline.loss import build_loss
     from pipeline.parallel import distributed
     from pipeline.train.config import RunConfig, load_config
@@ -86,9 +87,9 @@ def _bench_and_trainer_steps(rank: int, world_size: int, argv: list[str], overri
 
     parser = argparse.ArgumentParser()
     bench_gpu.add_arguments(parser)
-    bench = bench_gpu.build_run(parser.parse_args(argv))
+    bench = gpu_ours.build_run(parser.parse_args(argv))
     seed_after_build = torch.initial_seed()
-    micro_batches = bench_gpu.synthetic_micro_batches(bench, 4, 2)
+    micro_batches = gpu_ours.synthetic_micro_batches(bench, 4, 2)
     initial = {name: value.clone() for name, value in bench.engine.module.state_dict().items()}
     bench_loss = float(bench.step(micro_batches))
     cfg = load_config(RunConfig, None, overrides)

@@ -26,7 +26,7 @@ def test_parallel_build_writes_the_same_bytes_as_one_process(tmp_path, monkeypat
         "bench-000000.tar": 10, "bench-000001.tar": 10, "bench-000002.tar": 5}
     assert not list((tmp_path / "two").glob("*.partial")) and not list((tmp_path / "two").glob(".staging-*"))
     # the shard builder's own format: each sample a JPEG with its caption, keyed in order
-    from pipeline.shards.build import list_samples
+    from pipeline.shards.ls import list_samples
 
     samples = list(list_samples([str(tmp_path / "one")]))
     assert len(samples) == 25 and [s["key"] for s in samples] == sorted(s["key"] for s in samples)

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.data import dataset as data
 from pipeline.data import shardformat, shardindex
-from pipeline.shards.build import verify
+from pipeline.shards.verify import verify
 from tests.data_fixtures import jpeg_bytes, write_dataset, write_img2dataset
 
 ROOT = Path(__file__).resolve().parents[2]

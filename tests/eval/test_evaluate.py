@@ -276,7 +276,8 @@ def test_read_classes_local(tmp_path):
 @pytest.fixture(scope="module")
 def shapes_val(tmp_path_factory):
     """40 held-out shapes samples in 3 shards (16 + 16 + 8), with sizes.json and classes.json."""
-    from pipeline.shards.build import BuildConfig, build_shards
+    from pipeline.shards.build import build_shards
+    from pipeline.shards.config import BuildConfig
 
     output = tmp_path_factory.mktemp("shapes-val")
     build_shards(BuildConfig(source="shapes", output=str(output), split="val", count=40, samples_per_shard=16),

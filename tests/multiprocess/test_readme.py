@@ -70,7 +70,8 @@ def test_every_readme_command_has_a_plan():
 @pytest.fixture(scope="module")
 def after_demo(tmp_path_factory) -> Path:
     """A scratch directory as a fresh clone is after `make demo`: configs, .venv, the shapes shards, a demo run."""
-    from pipeline.shards.build import BuildConfig, build_shards
+    from pipeline.shards.build import build_shards
+    from pipeline.shards.config import BuildConfig
 
     root = tmp_path_factory.mktemp("clone")
     shutil.copytree(REPO / "configs", root / "configs")

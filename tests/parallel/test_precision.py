@@ -21,7 +21,8 @@ import torch
 
 from pipeline.core.errors import ConfigError
 from pipeline.observe.metrics import read_metrics
-from pipeline.shards.build import BuildConfig, build_shards
+from pipeline.shards.build import build_shards
+from pipeline.shards.config import BuildConfig
 from pipeline.train.config import RunConfig, load_config
 from tests.distributed_helpers import run_ranks
 

@@ -16,7 +16,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.shards import synthetic
-from pipeline.shards.build import BuildConfig, ShardBuildError, build_shards, verify
+from pipeline.shards.build import build_shards
+from pipeline.shards.config import BuildConfig, ShardBuildError
+from pipeline.shards.verify import verify
 
 
 def _build(**kwargs):

@@ -11,7 +11,9 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.shards import synthetic
-from pipeline.shards.build import BuildConfig, build_shards, verify
+from pipeline.shards.build import build_shards
+from pipeline.shards.config import BuildConfig
+from pipeline.shards.verify import verify
 
 
 def _cli(argv):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import ConfigError
-from pipeline.shards.build import BuildConfig, build_shards
+from pipeline.shards.build import build_shards
+from pipeline.shards.config import BuildConfig
 from pipeline.train.config import RunConfig, dump_config, load_config
 from pipeline.train.loop import validate
 

@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from pipeline.observe.metrics import read_metrics
-from pipeline.shards.build import BuildConfig, build_shards
+from pipeline.shards.build import build_shards
+from pipeline.shards.config import BuildConfig
 from tests.distributed_helpers import free_port, run_ranks
 
 pytestmark = pytest.mark.slow
