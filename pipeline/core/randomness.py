@@ -22,7 +22,7 @@ import numpy as np
 PURPOSES: dict[str, tuple[str, ...]] = {
     # the data plan (pipeline.data.dataset, pipeline.data.mixture)
     "shard_order": ("epoch",),  # the permutation of an epoch's shards
-    "source_shard_order": ("source",),  # a mixture source's shard sequence, fixed for the run
+    "mixture_pass_order": ("source", "pass"),  # the shard order of a mixture source's pass over its samples
     "mixture_piece_order": ("epoch",),  # the order of the pieces of every source's share of an epoch
     "shuffle_buffer": ("epoch", "stream"),  # a stream's shuffle buffer
     "elastic_shuffle_buffer": ("epoch", "stream", "layer"),  # the same, for a layout resumed elastically
