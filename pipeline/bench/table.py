@@ -1,7 +1,7 @@
 """Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory|soak`. Each prints its figures and the ratio
 against a peer run side by side (never a timed assertion); `soak` prints the memory and open files of every
-process of a long training run. Each benchmark lives in its own module (`bench_shards.py`, `bench_data.py`,
-`bench_gpu.py`, `bench_loss.py`, `bench_soak.py`) exposing `add_arguments(parser)` and `run(args)`; what they
+process of a long training run. Each benchmark lives in its own module (`shards.py`, `data.py`,
+`gpu.py`, `loss.py`, `soak.py`) exposing `add_arguments(parser)` and `run(args)`; what they
 share, the results file and the table cells, is here.
 """
 

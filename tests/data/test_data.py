@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import ConfigError
-from pipeline.data.dataset import DataConfig, build_loader, read_shard_sizes, shuffle_order
+from pipeline.data.config import DataConfig
+from pipeline.data.loader import build_loader, read_shard_sizes
+from pipeline.data.plan import shuffle_order
 from tests.data_fixtures import (
     all_keys,
     write_dataset,
@@ -24,7 +26,7 @@ def image_transform(train: bool = True):
     """What training uses (models.media_transform): open_clip's crop/resize, uint8 out."""
     from open_clip.transform import PreprocessCfg
 
-    from pipeline.model.contrastive import image_pixel_transform
+    from pipeline.model.image import image_pixel_transform
 
     return image_pixel_transform(PreprocessCfg(size=IMAGE_SIZE), is_train=train)
 
@@ -35,13 +37,13 @@ def tokenizer():
     return open_clip.get_tokenizer("ViT-B-32")
 
 
-def make_loader(urls, *, rank=0, world_size=1, seed=0, train=True, transform=None, **overrides):
+def make_loader(urls, *, rank=0, world_size=1, seed=0, train=True, transform=None, global_batch=None, **overrides):
     settings = dict(batch_size=4, workers=2, shuffle_buffer=10, retry_backoff=0.01)
     settings.update(overrides)
     cfg = DataConfig(train_urls=str(urls), **settings)
     return build_loader(cfg, str(urls), rank=rank, world_size=world_size, seed=seed,
                         media_transform=transform or image_transform(train), tokenizer=tokenizer(),
-                        train=train, image_size=IMAGE_SIZE)
+                        train=train, image_size=IMAGE_SIZE, global_batch=global_batch)
 
 
 def read_all(loader, limit=None):
@@ -89,7 +91,8 @@ def test_uint8_batches_normalise_to_open_clip_float_batches(dataset):
     for the same samples and the same per-sample seeds (train crops included), bit for bit."""
     import open_clip
 
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
 
     model = build_model(ModelConfig(name="tiny-clip"))  # normalise_pixels does not depend on the image size
     for train in (True, False):
@@ -296,7 +299,7 @@ def test_pipe_urls_need_allow_pipe(tmp_path):
 
 def test_too_few_samples_fails_at_start_naming_the_need(tmp_path):
     write_dataset(tmp_path, [5])
-    with pytest.raises(ValueError, match="world_size 2 x workers 2 x batch_size 4 = 16"):
+    with pytest.raises(ValueError, match="5 samples, fewer than one global batch of 8"):
         make_loader(tmp_path, world_size=2)
 
 

@@ -14,12 +14,12 @@ import time
 import pytest
 import torch
 
-from pipeline.data.dataset import STAT_KEYS, build_loader, read_shard_sizes, sum_stats_across_ranks
+from pipeline.data.loader import STAT_KEYS, build_loader, read_shard_sizes, sum_stats_across_ranks
 from tests.data.test_data import assert_same_batches, make_loader, read_all
 from tests.data_fixtures import ShardHttpServer, all_keys, rewrite_tar, write_bad_dataset, write_dataset
 from tests.distributed_helpers import run_ranks
 
-LOGGER = "pipeline.data.dataset"
+LOGGER = "pipeline.data"
 
 
 def warnings_about(caplog, text: str) -> list[str]:
@@ -269,12 +269,12 @@ def test_unreadable_metadata_is_counted_and_the_sample_used(tmp_path):
 def test_remainder_rotates_so_every_sample_is_seen_with_one_shard(tmp_path):
     write_dataset(tmp_path, [250])
     loader = make_loader(tmp_path, workers=2, batch_size=8, shuffle_buffer=16)
-    remainder = 250 - len(loader) * 8  # 2 streams x 15 batches x 8 = 240: 10 dropped per epoch
-    assert remainder == 10
+    remainder = 250 - len(loader) * 8  # 31 global batches of 8 = 248: 2 dropped per epoch
+    assert remainder == 2
     seen: dict[str, int] = {}
     for _ in range(6):
         keys = real_keys(read_all(loader))
-        assert len(keys) == len(set(keys)) == 240
+        assert len(keys) == len(set(keys)) == 248
         for key in keys:
             seen[key] = seen.get(key, 0) + 1
     assert set(seen) == all_keys([250]), f"never seen: {sorted(all_keys([250]) - set(seen))}"
@@ -283,7 +283,7 @@ def test_remainder_rotates_so_every_sample_is_seen_with_one_shard(tmp_path):
 
 
 def test_exact_resume_in_a_rotated_epoch(tmp_path):
-    write_dataset(tmp_path, [37, 21])  # 58 samples: remainder 10 at 2 streams x 4 batches x 6
+    write_dataset(tmp_path, [37, 21])  # 58 samples: 9 global batches of 6, remainder 4
     settings = dict(workers=2, batch_size=6, shuffle_buffer=8)
     full = make_loader(tmp_path, **settings)
     full.set_epoch(3)
@@ -296,7 +296,7 @@ def test_exact_resume_in_a_rotated_epoch(tmp_path):
     assert_same_batches(head + read_all(resumed), expected)
     # the rotated range wraps around the end of the laid-out shards and still reads each sample once
     keys = real_keys(expected)
-    assert len(keys) == len(set(keys)) == 48
+    assert len(keys) == len(set(keys)) == 54
 
 
 # -------------------------------------------------------------------------------------------- stats

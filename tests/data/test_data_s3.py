@@ -42,7 +42,7 @@ def test_deleted_s3_shard_is_named_at_start_not_retried_and_marked(s3_server, tm
     upload(s3_server, tmp_path / "local", "loader-data", "deleted")
     # sizes.json still lists the shard, but its object is gone: one listing of the prefix tells
     s3fs.S3FileSystem(**s3_server.storage_options).rm("loader-data/deleted/data-000001.tar")
-    with caplog.at_level("WARNING", logger="pipeline.data.dataset"):
+    with caplog.at_level("WARNING", logger="pipeline.data"):
         loader = make_loader("s3://loader-data/deleted/data-{000000..000002}.tar", workers=2, retries=2,
                              retry_backoff=0.01, storage_options=s3_server.storage_options)
     told = [r.getMessage() for r in caplog.records if "data-000001.tar" in r.getMessage()]
@@ -65,7 +65,7 @@ def test_s3_shard_deleted_after_start_is_not_retried(s3_server, tmp_path, caplog
     loader = make_loader("s3://loader-data/vanishing/data-{000000..000002}.tar", workers=0, retries=3,
                          retry_backoff=0.01, storage_options=s3_server.storage_options)
     s3fs.S3FileSystem(**s3_server.storage_options).rm("loader-data/vanishing/data-000002.tar")
-    with caplog.at_level("WARNING", logger="pipeline.data.dataset"):
+    with caplog.at_level("WARNING", logger="pipeline.data"):
         batches = read_all(loader)
     assert len(batches) == len(loader) == 6
     assert loader.stats["shard_retries"] == 0 and loader.stats["shards_failed"] == 0

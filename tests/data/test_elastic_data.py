@@ -1,17 +1,22 @@
-"""Elastic resume of the data position: an epoch begun on one layout (world size, workers, batch size) is
-finished on another, every sample of the epoch read exactly once over both (the loader side; the engine
-side is tests/multiprocess/test_elastic_resume.py)."""
+"""Canonical streams (pipeline.data.plan) on the loader side: global batch i holds the same samples on every
+layout that fits data.canonical_streams, in the same order when the accumulation is the same, and a
+position saved on one layout resumes on another with exactly the batches the uninterrupted run reads
+(the engine side is tests/multiprocess/test_elastic_resume.py)."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
+import torch
 
-from tests.data.test_data import assert_same_batches, make_loader, read_all
+from pipeline.core.errors import ConfigError
+from tests.data.test_data import make_loader, read_all
 from tests.data_fixtures import all_keys, write_dataset
 
-SIZES = [8, 12, 4, 16, 8]  # 48 samples
+SIZES = [8, 12, 4, 16, 8, 9]  # 57 samples: 7 global batches of 8 per epoch, 1 left over
+GLOBAL = 8
+CANONICAL = 4
 
 
 @pytest.fixture(scope="module")
@@ -21,78 +26,86 @@ def dataset(tmp_path_factory):
     return directory
 
 
-def ranks(dataset, world_size, **settings):
-    return [make_loader(dataset, rank=rank, world_size=world_size, **settings) for rank in range(world_size)]
+def ranks(dataset, world_size, accum=1, workers=1, **settings):
+    micro = GLOBAL // (world_size * accum)
+    return [make_loader(dataset, rank=rank, world_size=world_size, batch_size=micro, workers=workers,
+                        canonical_streams=CANONICAL, global_batch=GLOBAL, **settings) for rank in range(world_size)]
 
 
-def consume(loaders, batches: int) -> Counter:
-    keys = Counter()
-    for loader in loaders:
-        keys.update(key for batch in read_all(loader, limit=batches) for key in batch.keys)
-    return keys
+def global_batches(loaders, accum=1, limit=None):
+    """[(keys, media)] per global batch: micro-batch j of every rank, ranks in order, accum micro-batches a batch."""
+    per_rank = [read_all(loader, None if limit is None else limit * accum) for loader in loaders]
+    out = []
+    for index in range(len(per_rank[0]) // accum):
+        parts = [batch for step in range(index * accum, (index + 1) * accum) for batches in per_rank
+                 for batch in [batches[step]]]
+        out.append(([key for part in parts for key in part.keys], torch.cat([part.media for part in parts])))
+    return out
 
 
-def finish(loaders) -> Counter:
-    keys = Counter()
-    for loader in loaders:
-        keys.update(key for batch in read_all(loader) for key in batch.keys)
-    return keys
+def by_key(batch):
+    keys, media = batch
+    return {key: media[i] for i, key in enumerate(keys)}
 
 
-def resume(dataset, state, world_size, **settings):
-    loaders = ranks(dataset, world_size, **settings)
-    for loader in loaders:
-        loader.load_state_dict(state)
-    return loaders
+LAYOUTS = [  # (world size, accumulation, workers): every one fits 4 canonical streams at global batch 8
+    (1, 1, 1), (1, 1, 2), (1, 1, 4), (2, 1, 1), (2, 1, 2), (4, 1, 1), (1, 2, 2), (1, 2, 1), (2, 2, 1),
+]
 
 
-@pytest.mark.parametrize("old, new", [
-    ((2, dict(batch_size=4, workers=2)), (1, dict(batch_size=8, workers=1))),  # 2 -> 1 ranks
-    ((1, dict(batch_size=8, workers=2)), (2, dict(batch_size=4, workers=1))),  # 1 -> 2 ranks
-])
-def test_an_epoch_resumed_on_another_layout_reads_every_sample_once(dataset, old, new):
-    before = ranks(dataset, old[0], **old[1])
-    first = consume(before, 3 if old[0] == 2 else 2)
-    after = resume(dataset, before[0].state_dict(), new[0], **new[1])
-    assert after[0].epoch == 0 and after[0].batches_consumed == 0
-    rest = finish(after)
-    assert not set(first) & set(rest)
-    assert max((first + rest).values()) == 1
-    # the sizes are chosen so that what is left divides into the new streams: nothing is left over
-    assert set(first + rest) == all_keys(SIZES) and after[0].dataset.remainder_of(0) == 0
-    # the next epoch is the new layout's own, complete
-    assert set(finish(after)) == all_keys(SIZES)
+@pytest.mark.parametrize("world_size, accum, workers", LAYOUTS)
+def test_every_fitting_layout_reads_the_same_global_batches(dataset, world_size, accum, workers):
+    reference = global_batches(ranks(dataset, 1, workers=0))
+    batches = global_batches(ranks(dataset, world_size, accum, workers), accum)
+    assert len(batches) == len(reference) == 7
+    for index, (batch, expected) in enumerate(zip(batches, reference)):
+        if accum == 1:  # the same order too
+            assert batch[0] == expected[0], f"batch {index}: keys differ"
+            assert torch.equal(batch[1], expected[1]), f"batch {index}: media differ"
+        else:  # the same samples, the same tensors; the accumulation splits them in another order
+            assert sorted(batch[0]) == sorted(expected[0]), f"batch {index}: keys differ"
+            mine, theirs = by_key(batch), by_key(expected)
+            assert all(torch.equal(mine[key], theirs[key]) for key in mine)
 
 
-def test_resume_inside_an_elastic_epoch_is_exact_and_a_second_change_still_reads_once(dataset):
-    before = ranks(dataset, 2, batch_size=4, workers=2)
-    first = consume(before, 3)
+@pytest.mark.parametrize("old, new", [((2, 1, 2), (1, 1, 1)), ((1, 1, 2), (2, 1, 1)), ((1, 1, 1), (4, 1, 1)),
+                                      ((2, 1, 1), (1, 2, 2))])
+def test_a_position_resumed_on_another_layout_continues_the_same_batches(dataset, old, new):
+    reference = global_batches(ranks(dataset, 1, workers=0))
+    before = ranks(dataset, old[0], old[1], old[2])
+    head = global_batches(before, old[1], limit=3)
     state = before[0].state_dict()
-    # uninterrupted on the new layout
-    single = resume(dataset, state, 1, batch_size=8, workers=1)[0]
-    whole = read_all(single)
-    # the same, stopped after one batch and resumed with the same layout: the same batches
-    interrupted = resume(dataset, state, 1, batch_size=8, workers=1)[0]
-    head = read_all(interrupted, limit=1)
-    mid = interrupted.state_dict()
-    assert mid["elastic"] and mid["batches_consumed"] == 1
-    again = make_loader(dataset, batch_size=8, workers=1)
-    again.load_state_dict(mid)
-    assert_same_batches(head + read_all(again), whole)
-    # or resumed once more on 2 ranks: still every sample of the epoch once
-    second = Counter(key for batch in head for key in batch.keys)
-    third = finish(resume(dataset, mid, 2, batch_size=4, workers=1))
-    total = first + second + third
-    assert max(total.values()) == 1
-    left = sum(1 for _ in all_keys(SIZES)) - sum(total.values())
-    assert left < 2 * 4  # at most the new remainder: fewer than one batch per stream
+    after = ranks(dataset, *new)
+    for loader in after:
+        loader.load_state_dict(state)
+    rest = global_batches(after, new[1])
+    assert [sorted(keys) for keys, _ in head + rest] == [sorted(keys) for keys, _ in reference]
+    epoch = Counter(key for keys, _ in head + rest for key in keys)
+    assert max(epoch.values()) == 1 and len(all_keys(SIZES)) - len(epoch) == 1  # the one left over
+    # the next epoch goes on on the new layout, the same as the reference's next epoch
+    assert [sorted(k) for k, _ in global_batches(after, new[1])] == [sorted(k) for k, _ in global_batches(
+        [_at_epoch(loader, 1) for loader in ranks(dataset, 1, workers=0)])]
 
 
-def test_a_workers_change_alone_is_elastic_too(dataset):
-    loader = make_loader(dataset, batch_size=4, workers=2)
-    first = Counter(key for batch in read_all(loader, limit=5) for key in batch.keys)
-    other = make_loader(dataset, batch_size=4, workers=1)
-    other.load_state_dict(loader.state_dict())
-    rest = Counter(key for batch in read_all(other) for key in batch.keys)
-    assert max((first + rest).values()) == 1
-    assert len(all_keys(SIZES)) - sum((first + rest).values()) == other.dataset.remainder_of(0) < 1 * 4
+def _at_epoch(loader, epoch):
+    loader.set_epoch(epoch)
+    return loader
+
+
+def test_a_layout_that_does_not_fit_is_refused_naming_the_ones_that_do(dataset):
+    with pytest.raises(ConfigError, match=r"does not fit world_size 1 x data.workers 3 .*layouts that fit: "
+                                          r"world_size 1 x data.workers 4"):
+        ranks(dataset, 1, workers=3)
+    with pytest.raises(ConfigError, match="data.canonical_streams 3 does not divide the global batch 8"):
+        make_loader(dataset, batch_size=8, workers=1, canonical_streams=3, global_batch=8)
+
+
+def test_a_resume_that_changes_the_canonical_streams_is_refused(dataset):
+    loader = ranks(dataset, 1, workers=2)[0]
+    read_all(loader, 2)
+    other = make_loader(dataset, batch_size=8, workers=1, canonical_streams=8, global_batch=8)
+    with pytest.raises(ConfigError, match="data.canonical_streams is 8, but the run being resumed was planned over 4"):
+        other.load_state_dict(loader.state_dict())
+    auto = make_loader(dataset, batch_size=8, workers=1, global_batch=8)  # 0: the saved value is kept
+    auto.load_state_dict(loader.state_dict())
+    assert auto.dataset.canonical == 4 and auto.batches_consumed == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import dataset as data
+from pipeline.data import loader as data
 from pipeline.data import shardformat, shardindex
 from pipeline.shards.verify import verify
 from tests.data_fixtures import jpeg_bytes, write_dataset, write_img2dataset

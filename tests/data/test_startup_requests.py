@@ -63,7 +63,8 @@ def build_on_every_rank(rank, world_size, jobs, storage_options, output_dir):
     """On each rank, in order: ("loader", URL) builds a loader with pipeline.data.dataset.build_loader;
     ("train", URL) runs the trainer's pre-flight check and builds its loaders (pipeline.train.loop);
     ("error", URL) expects building to fail. Returns len(loader) per job, or the error's text."""
-    from pipeline.data.dataset import DataConfig, build_loader
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader
     from pipeline.train.config import RunConfig, load_config
     from pipeline.train.loop import build_loaders, validate
 

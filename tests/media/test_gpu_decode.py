@@ -51,7 +51,8 @@ def dataset(tmp_path_factory):
 
 
 def gpu_loader(urls, *, train=True, **overrides):
-    from pipeline.data.dataset import DataConfig, build_loader
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader
 
     settings = dict(batch_size=4, workers=2, shuffle_buffer=10, retry_backoff=0.01, decode="gpu")
     settings.update(overrides)
@@ -132,7 +133,8 @@ def test_a_jpeg_no_decoder_reads_is_skipped_counted_and_filled(tmp_path):
 
 
 def test_other_transforms_are_refused_for_device_decoding(dataset):
-    from pipeline.data.dataset import DataConfig, build_loader
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader
 
     with pytest.raises(ConfigError, match="data.decode=gpu"):
         build_loader(DataConfig(decode="gpu"), str(dataset), rank=0, world_size=1, seed=0,
@@ -143,7 +145,7 @@ def test_other_transforms_are_refused_for_device_decoding(dataset):
 
 def test_eval_loaders_decode_on_the_cpu(dataset):
     loader = gpu_loader(dataset, train=False)
-    assert loader.dataset.device_crop is None
+    assert loader.dataset.samples.device_crop is None
     assert read_all(loader)[0].media.dtype == torch.uint8
 
 
@@ -162,13 +164,13 @@ def test_training_streams_run_on_into_the_next_epoch(dataset, workers):
     assert_same_batches(first, read_all(make_loader(dataset, workers=workers)))
     # a jump elsewhere (a resume to another position) restarts it at that position
     loader.set_epoch(0)
-    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batches_consumed": 3})
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "stream_position": 3 * loader.dataset.per_step})
     assert_same_batches(read_all(loader), first[3:])
 
 
 def test_deferred_batches_decode_the_same_every_time_and_count_once(tmp_path):
     """GradCache with data.decode=gpu holds encoded micro-batches; each pass decodes them (materialize)."""
-    from pipeline.data.dataset import DeferredImages, materialize
+    from pipeline.data.loader import DeferredImages, materialize
 
     paths = write_dataset(tmp_path, [8])
     broken = photo_jpeg(3, 24, 24)[:200] + bytes(range(256)) * 4
