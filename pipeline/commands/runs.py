@@ -26,7 +26,10 @@ def load_model_from_run(run_dir: str | Path, tag: str | None = None):
     """(ContrastiveModel on CPU in eval mode, RunConfig) from a run directory's latest checkpoint, or the
     one named by `tag`; the checkpoint may be local or remote (checkpoint.dir in the run's config.yaml)
     and of any ZeRO stage: the weights are consolidated to fp32."""
-    from pipeline.checkpoint.manager import LATEST, CheckpointManager, _local_problem, consolidated_state_dict
+    from pipeline.checkpoint.consolidate import consolidated_state_dict
+    from pipeline.checkpoint.layout import LATEST
+    from pipeline.checkpoint.layout import local_problem as _local_problem
+    from pipeline.checkpoint.manager import CheckpointManager
     from pipeline.model.contrastive import build_model
     from pipeline.train.config import RunConfig, load_config
 

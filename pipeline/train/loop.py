@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint.manager import CheckpointManager, check_reachable, seed_everything
+from pipeline.checkpoint.manager import CheckpointManager
+from pipeline.checkpoint.state import seed_everything
+from pipeline.checkpoint.store import check_reachable
 from pipeline.core import randomness
 from pipeline.core.errors import ConfigError
 from pipeline.data.dataset import (

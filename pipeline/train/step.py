@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint.manager import rng_state, set_rng_state
+from pipeline.checkpoint.state import rng_state, set_rng_state
 from pipeline.data.dataset import materialize
 from pipeline.model.contrastive import media_to_device, patch_dropout_rows
 from pipeline.parallel.parallelize import clip_gradients

@@ -193,7 +193,7 @@ def test_zero3_evaluates_on_held_out_shards(runs):
 def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     import open_clip
 
-    from pipeline.checkpoint.manager import consolidated_state_dict
+    from pipeline.checkpoint.consolidate import consolidated_state_dict
     from pipeline.commands.runs import export
     from pipeline.model.contrastive import build_model, register_open_clip_configs
     from pipeline.train.config import RunConfig, load_config
