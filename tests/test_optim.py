@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.loss import LossConfig, build_loss
-from pipeline.model.contrastive import ModelConfig, build_model
+from pipeline.model.build import build_model
+from pipeline.model.config import ModelConfig
 from pipeline.optim import OptimConfig, build_optimizer, lr_factor
 
 

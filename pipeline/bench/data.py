@@ -168,7 +168,7 @@ def _build_ours(url: str, args, workers: int, *, jpeg_draft: bool = True, decode
     from open_clip.transform import PreprocessCfg
 
     from pipeline.data.dataset import DataConfig, build_loader
-    from pipeline.model.contrastive import image_pixel_transform
+    from pipeline.model.image import image_pixel_transform
 
     cfg = DataConfig(train_urls=url, batch_size=args.batch_size, workers=workers, shuffle_buffer=1000,
                      jpeg_draft=jpeg_draft, decode=decode)

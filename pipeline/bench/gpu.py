@@ -74,7 +74,7 @@ RUN_LABELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="ViT-B-32", help="model name (pipeline.model.contrastive.ModelConfig.name)")
+    parser.add_argument("--model", default="ViT-B-32", help="model name (pipeline.model.config.ModelConfig.name)")
     parser.add_argument("--precision", default="amp_bf16",
                         help="amp_bf16: fp32 master weights, bf16 autocast; amp: fp16 autocast, dynamic loss "
                         "scaling; fp32. The names are open_clip's: the same name goes to every peer")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch is imported where a benchmark runs, not for `bench gp
 
 # -- synthetic batches -----------------------------------------------------------------------------
 def _media_shape(model_cfg) -> tuple[int, ...]:
-    from pipeline.model.contrastive import image_size
+    from pipeline.model.build import image_size
 
     if model_cfg.modality == "audio":
         return (model_cfg.audio.n_mels, model_cfg.audio.num_frames)
@@ -28,7 +28,7 @@ def _media_shape(model_cfg) -> tuple[int, ...]:
 
 
 def _context_length(model_cfg) -> int:
-    from pipeline.model.contrastive import get_tokenizer
+    from pipeline.model.build import get_tokenizer
 
     return get_tokenizer(model_cfg).context_length
 

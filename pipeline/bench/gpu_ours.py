@@ -106,7 +106,8 @@ def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list
         while True:
             yield batches
     from pipeline.data.dataset import DataConfig, build_loader
-    from pipeline.model.contrastive import get_tokenizer, image_size, media_to_device, media_transform
+    from pipeline.model.build import get_tokenizer, image_size, media_transform
+    from pipeline.model.contrastive import media_to_device
 
     data_cfg = DataConfig(train_urls=args.data, modality=run.model_cfg.modality, batch_size=args.batch_size,
                           workers=args.workers, decode=args.decode)

@@ -61,7 +61,7 @@ def open_clip_command(args, python: str, logs: str) -> list[str]:
     """open_clip_train.main on its synthetic data set: same model, batch, precision, workers, checkpointing.
     It logs a window-average batch time every `log_every` steps; the first two windows (step 1, then
     warmup) are dropped."""
-    from pipeline.model.contrastive import MODEL_CONFIG_DIR
+    from pipeline.model.config import MODEL_CONFIG_DIR
 
     log_every = max(1, args.warmup)
     batches = 1 + log_every + math.ceil(args.steps / log_every) * log_every
@@ -120,7 +120,7 @@ def handwritten_step(args, device: torch.device, compiled: bool) -> Callable[[An
     import open_clip
     import torch
 
-    from pipeline.model.contrastive import register_open_clip_configs
+    from pipeline.model.config import register_open_clip_configs
     from pipeline.observe.flops import MATMUL_DTYPE
 
     register_open_clip_configs()  # tiny-clip and our other configs, by name

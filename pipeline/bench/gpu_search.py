@@ -106,10 +106,11 @@ def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, budget_s
     batch that fitted so far (a lower bound), the searches not yet started are None, and `stopped_on_budget`
     says so."""
     from pipeline.model.contrastive import ContrastiveModel
+    from pipeline.parallel.checkpointing import activation_checkpointing_on, apply_activation_checkpointing
 
     model: ContrastiveModel = run.engine.module
     configured = (run.engine.train_micro_batch_size_per_gpu(), run.engine.gradient_accumulation_steps())
-    checkpointing_was = model.grad_checkpointing
+    checkpointing_was = activation_checkpointing_on(model)
     budget = Budget(budget_s)
     started = time.monotonic()
     results: dict[str, Any] = {"limit": limit, "contrastive_limit": contrastive_limit, "budget_s": budget_s,
@@ -119,7 +120,7 @@ def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, budget_s
     for checkpointing in (False, True):
         if budget():
             break
-        model.set_grad_checkpointing(checkpointing)
+        apply_activation_checkpointing(model, checkpointing)
 
         def fits(batch, checkpointing=checkpointing):
             ok = step_fits(run, batch)
@@ -146,7 +147,7 @@ def find_max_batches(run: BenchRun, limit: int, contrastive_limit: int, budget_s
             results["max_contrastive_batch_gradcache"] = micro * accum * run.world_size
     results["stopped_on_budget"] = budget.spent
     results["elapsed_s"] = time.monotonic() - started
-    model.set_grad_checkpointing(checkpointing_was)
+    apply_activation_checkpointing(model, checkpointing_was)
     run.engine.set_train_micro_batch_size(configured[0])
     run.engine.set_train_batch_size(configured[0] * configured[1] * run.world_size)
     return results

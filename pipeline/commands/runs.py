@@ -30,7 +30,7 @@ def load_model_from_run(run_dir: str | Path, tag: str | None = None):
     from pipeline.checkpoint.layout import LATEST
     from pipeline.checkpoint.layout import local_problem as _local_problem
     from pipeline.checkpoint.manager import CheckpointManager
-    from pipeline.model.contrastive import build_model
+    from pipeline.model.build import build_model
     from pipeline.train.config import RunConfig, load_config
 
     run_dir = Path(run_dir)
@@ -100,7 +100,7 @@ def _load_model(source: Path, config_path: str | None, overrides: list[str]):
     is missing or unreadable."""
     import torch
 
-    from pipeline.model.contrastive import build_model
+    from pipeline.model.build import build_model
     from pipeline.train.config import RunConfig, load_config
 
     if source.is_dir():
@@ -132,7 +132,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 
     from pipeline.data.dataset import build_loader
     from pipeline.eval.evaluate import evaluate, format_table, read_classes
-    from pipeline.model.contrastive import get_tokenizer, image_size, media_transform
+    from pipeline.model.build import get_tokenizer, image_size, media_transform
 
     # our skipped-sample and progress notes, without open_clip's model-building chatter
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -52,8 +52,9 @@ def plan(cfg, world_size: int | None = None) -> str:
 
     from pipeline.checkpoint.manager import CheckpointManager
     from pipeline.data.dataset import build_loader
-    from pipeline.model.contrastive import build_model, get_tokenizer, image_size, media_transform
+    from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
     from pipeline.parallel import distributed
+    from pipeline.parallel.checkpointing import apply_activation_checkpointing
     from pipeline.train.loop import run_dir_of, validate
 
     world_size = world_size or int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
@@ -87,6 +88,7 @@ def plan(cfg, world_size: int | None = None) -> str:
     # the model on the meta device: shapes and counts without memory or weights (model.pretrained is not read)
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg.model, pretrained=""))
+        apply_activation_checkpointing(model, cfg.model.grad_checkpointing)  # its ConfigError, as train's
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append(f"model {cfg.model.name} ({cfg.model.modality}): {_millions(parameters)} parameters, "

@@ -50,8 +50,8 @@ def transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float = 4
 
 
 def tower_flops(model_cfg) -> dict[str, int]:
-    """Forward FLOPs per sample of each tower of `model_cfg` (pipeline.model.contrastive.ModelConfig)."""
-    from pipeline.model.contrastive import _audio_model_configs, _image_model_config
+    """Forward FLOPs per sample of each tower of `model_cfg` (pipeline.model.config.ModelConfig)."""
+    from pipeline.model.config import _audio_model_configs, _image_model_config
 
     if model_cfg.modality == "audio":
         spec = _audio_model_configs()[model_cfg.name]

@@ -5,11 +5,11 @@
     engine = build_engine(model, optimizer, scheduler, deepspeed_config(...))
     clip_gradients(engine, max_norm)                            # ZeRO-0, before engine.step()
 
-The towers (pipeline.model.contrastive) know nothing of compilation, as torchtitan's model files know nothing
+The towers (pipeline.model) know nothing of compilation, as torchtitan's model files know nothing
 of parallelism. Each transformer block is compiled on its own rather than the whole model:
 - compile time stays short: the blocks of a tower share one code object, so Dynamo traces one
   block per (tower width, grad mode) and reuses it for the others;
-- reentrant gradient checkpointing (models.py) wraps a block call, and a compiled block inside a
+- reentrant gradient checkpointing (pipeline.parallel.checkpointing) wraps a block call, and a compiled block inside a
   checkpoint recomputes like an eager one; a whole-model graph would have to trace through it;
 - a graph break (a data-dependent branch, a DeepSpeed hook) costs one block, not the model.
 """

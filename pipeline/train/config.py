@@ -18,7 +18,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.data.dataset import DataConfig
 from pipeline.eval.evaluate import EvalConfig
 from pipeline.loss import LossConfig
-from pipeline.model.contrastive import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.optim import OptimConfig
 from pipeline.parallel.parallelize import check_precision_name
 
@@ -109,7 +109,7 @@ class RunConfig:
     """Everything one training run reads: a YAML file with these sections, plus overrides."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """Towers: see pipeline.model.contrastive.ModelConfig."""
+    """Towers: see pipeline.model.config.ModelConfig."""
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     """Contrastive loss: see pipeline.loss.LossConfig."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -40,12 +40,13 @@ from pipeline.data.dataset import (
 from pipeline.data.mixture import read_manifest
 from pipeline.eval.evaluate import evaluate, format_table, read_classes
 from pipeline.loss import build_loss
-from pipeline.model.contrastive import build_model, get_tokenizer, image_size, media_transform
+from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
 from pipeline.observe.flops import model_flops_and_peak
 from pipeline.observe.metrics import MetricsLogger, finite, read_metrics, truncate_after
 from pipeline.observe.plots import plot_run
 from pipeline.optim import build_optimizer, lr_factor
 from pipeline.parallel import distributed
+from pipeline.parallel.checkpointing import apply_activation_checkpointing
 from pipeline.parallel.parallelize import (
     CompileTimer,
     build_engine,
@@ -116,6 +117,7 @@ def build_engine_for(cfg, dist, micro: int, load_universal: bool = False) -> tup
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     model = build_model(cfg.model)
+    apply_activation_checkpointing(model, cfg.model.grad_checkpointing)
     precision = resolve_precision(cfg.train.precision)
     compiled = should_compile(cfg.train.compile, dist.device, cfg.train.zero_stage)
     if compiled:

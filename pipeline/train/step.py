@@ -22,7 +22,8 @@ import torch
 
 from pipeline.checkpoint.state import rng_state, set_rng_state
 from pipeline.data.dataset import materialize
-from pipeline.model.contrastive import media_to_device, patch_dropout_rows
+from pipeline.model.contrastive import media_to_device
+from pipeline.model.patch_dropout import patch_dropout_rows
 from pipeline.parallel.parallelize import clip_gradients
 
 # outputs of the model that are one value for the whole batch rather than one row per sample

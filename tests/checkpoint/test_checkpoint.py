@@ -46,7 +46,8 @@ def process_group():
 
 
 def _engine(zero_stage: int = 0, seed: int = 0):
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
     from pipeline.parallel import parallelize
 
     torch.manual_seed(seed)

@@ -288,7 +288,8 @@ def shapes_val(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clip_weights(tmp_path_factory):
     """A random tiny-clip's ContrastiveModel state dict and its open_clip export, saved once."""
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="tiny-clip"))
@@ -300,13 +301,8 @@ def tiny_clip_weights(tmp_path_factory):
 
 def evaluate_shards_on_rank(rank: int, world_size: int, shards: str, weights: str) -> tuple[dict, bool]:
     from pipeline.data.dataset import DataConfig, build_loader
-    from pipeline.model.contrastive import (
-        ModelConfig,
-        build_model,
-        get_tokenizer,
-        image_size,
-        media_transform,
-    )
+    from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
+    from pipeline.model.config import ModelConfig
 
     torch.set_num_threads(1)  # two ranks share the CI machine's cores
     model_cfg = ModelConfig(name="tiny-clip")

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from pipeline.core.errors import ConfigError
-from pipeline.model.contrastive import ModelConfig, build_model
+from pipeline.model.build import build_model
+from pipeline.model.config import ModelConfig
+from pipeline.parallel.checkpointing import apply_activation_checkpointing
 from tests.distributed_helpers import run_ranks
 
 
@@ -120,6 +122,7 @@ def test_partly_unlocked_tower_under_checkpointing_gets_the_unchecked_gradients(
         model = build_model(ModelConfig(name="tiny-clip", pretrained=pretrained, lock_image=True,
                                         lock_image_unlocked_groups=2, lock_text=True, lock_text_unlocked_layers=2,
                                         grad_checkpointing=grad_checkpointing))
+        apply_activation_checkpointing(model, grad_checkpointing)  # as build_engine_for does
         outputs = model(*_inputs())
         (outputs["media_features"] @ outputs["text_features"].T).logsumexp(dim=1).sum().backward()
         return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}

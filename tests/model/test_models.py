@@ -13,19 +13,15 @@ import torch
 import yaml
 from PIL import Image
 
-import pipeline.model.contrastive as models
 from pipeline.core.args import load_config, read_yaml
 from pipeline.core.errors import ConfigError
 from pipeline.loss import LossConfig, build_loss
 from pipeline.media.audio import AudioConfig, decode_audio
-from pipeline.model.contrastive import (
-    ModelConfig,
-    build_model,
-    get_tokenizer,
-    image_size,
-    media_transform,
-    register_open_clip_configs,
-)
+from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
+from pipeline.model.config import ModelConfig, register_open_clip_configs
+from pipeline.model.contrastive import media_to_device
+from pipeline.model.image import ImagePixelTransform, image_preprocess
+from pipeline.parallel import checkpointing
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 # the tones demo setting: 2 s at 16 kHz, 32 mels -> [32, 201] log-mel
@@ -113,16 +109,16 @@ def test_config_builds_and_checkpointing_gives_equal_loss_and_grads(case, tmp_pa
     media, tokens = _batch(cfg)
 
     reentrant_calls = []
-    real_checkpoint = models.checkpoint
+    real_checkpoint = checkpointing.checkpoint
 
     def recording_checkpoint(*args, use_reentrant, **kwargs):
         reentrant_calls.append(use_reentrant)
         return real_checkpoint(*args, use_reentrant=use_reentrant, **kwargs)
 
-    monkeypatch.setattr(models, "checkpoint", recording_checkpoint)
+    monkeypatch.setattr(checkpointing, "checkpoint", recording_checkpoint)
     results = {}
     for enabled in (False, True):
-        model.set_grad_checkpointing(enabled)
+        checkpointing.apply_activation_checkpointing(model, enabled)
         model.zero_grad()
         loss, metrics = loss_fn(model(media, tokens))
         assert torch.isfinite(loss)
@@ -135,7 +131,7 @@ def test_config_builds_and_checkpointing_gives_equal_loss_and_grads(case, tmp_pa
     blocks = sum(len(m.resblocks) for m in model.modules() if hasattr(m, "resblocks"))
     blocks += 4 * sum(isinstance(m, ModifiedResNet) for m in model.modules())
     assert reentrant_calls == [True] * blocks
-    model.set_grad_checkpointing(False)  # and off again restores the plain forward
+    checkpointing.apply_activation_checkpointing(model, False)  # and off again restores the plain forward
     model(media, tokens)
     assert len(reentrant_calls) == blocks
     (loss_off, grads_off), (loss_on, grads_on) = results[False], results[True]
@@ -327,7 +323,7 @@ def test_uint8_pixels_normalised_on_the_model_equal_open_clip_preprocessing():
     model = build_model(cfg).eval()
     pictures = [_photo(120, 90, 0), _photo(70, 130, 1), Image.new("L", (80, 80), 77)]  # a grey one: RGB conversion
     for is_train in (False, True):
-        ours, theirs = media_transform(cfg, is_train), image_transform_v2(models.image_preprocess(cfg), is_train)
+        ours, theirs = media_transform(cfg, is_train), image_transform_v2(image_preprocess(cfg), is_train)
         pixels, reference = [], []
         for index, picture in enumerate(pictures):
             # the same seed gives the same random crop: our transform draws exactly what open_clip's does
@@ -363,8 +359,8 @@ def test_pixel_normalisation_leaves_the_state_dict_alone_and_follows_the_tower_d
     assert normalised.dtype == torch.bfloat16
     # the mean/std stay float32 under the cast: only the result is rounded, once
     exact = model.normalise_pixels(pixels.clone()).float()
-    expected = (pixels.float() / 255 - torch.tensor(models.image_preprocess(cfg).mean).view(3, 1, 1)) / torch.tensor(
-        models.image_preprocess(cfg).std).view(3, 1, 1)
+    expected = (pixels.float() / 255 - torch.tensor(image_preprocess(cfg).mean).view(3, 1, 1)) / torch.tensor(
+        image_preprocess(cfg).std).view(3, 1, 1)
     torch.testing.assert_close(exact, expected.bfloat16().float(), rtol=0, atol=0)
     assert model.encode_media(pixels)["media_features"].dtype == torch.bfloat16
     audio = build_model(ModelConfig(name="tiny-clap", modality="audio", audio=TONES_AUDIO))
@@ -376,15 +372,15 @@ def test_pixel_transform_refuses_a_transform_it_cannot_split():
     from torchvision import transforms
 
     with pytest.raises(ValueError, match="ToTensor and Normalize"):
-        models.ImagePixelTransform(transforms.Compose([transforms.Resize(8), transforms.ToTensor()]))
+        ImagePixelTransform(transforms.Compose([transforms.Resize(8), transforms.ToTensor()]))
 
 
 def test_media_to_device_casts_floats_and_keeps_pixels_uint8():
     pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    moved = models.media_to_device(pixels, "cpu", torch.bfloat16)
+    moved = media_to_device(pixels, "cpu", torch.bfloat16)
     assert moved.dtype == torch.uint8 and torch.equal(moved, pixels)  # the model normalises them
     mel = torch.randn(2, 32, 201)
-    assert models.media_to_device(mel, "cpu", torch.bfloat16).dtype == torch.bfloat16
+    assert media_to_device(mel, "cpu", torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_building_a_tower_does_not_claim_a_random_init_it_does_not_keep(caplog):

@@ -16,7 +16,9 @@ import torch
 
 from pipeline.core import randomness
 from pipeline.core.errors import ConfigError
-from pipeline.model.contrastive import ModelConfig, PatchDropout, build_model, patch_dropout_rows
+from pipeline.model.build import build_model
+from pipeline.model.config import ModelConfig
+from pipeline.model.patch_dropout import PatchDropout, patch_dropout_rows
 from tests.distributed_helpers import run_ranks
 
 # fp32 GradCache vs one pass: ||g_cached - g_whole|| / ||g_whole|| per parameter tensor

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.contrastive import ModelConfig, build_model
+from pipeline.model.build import build_model
+from pipeline.model.config import ModelConfig
 from pipeline.observe.flops import flops_per_sample, tower_flops, transformer_flops, utilisation
 
 

@@ -34,7 +34,7 @@ def _register_tiny_clip(layers: int) -> str:
     """tiny-clip with `layers` blocks in each tower, registered with open_clip under its own name."""
     import open_clip
 
-    from pipeline.model.contrastive import MODEL_CONFIG_DIR, register_open_clip_configs
+    from pipeline.model.config import MODEL_CONFIG_DIR, register_open_clip_configs
 
     spec = json.loads((MODEL_CONFIG_DIR / "tiny-clip.json").read_text())
     spec["vision_cfg"]["layers"] = spec["text_cfg"]["layers"] = layers
@@ -49,13 +49,16 @@ def _register_tiny_clip(layers: int) -> str:
 def _engine(rank, world_size, *, layers=2, zero_stage=0, precision="fp32", accum_steps=1, micro=4,
             grad_checkpointing=False, compile_blocks=False):
     from pipeline.loss import LossConfig, build_loss
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
     from pipeline.optim import OptimConfig, build_optimizer
     from pipeline.parallel import parallelize
+    from pipeline.parallel.checkpointing import apply_activation_checkpointing
     from pipeline.parallel.parallelize import compile_blocks as compile_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=_register_tiny_clip(layers), grad_checkpointing=grad_checkpointing))
+    apply_activation_checkpointing(model, grad_checkpointing)  # as build_engine_for does
     if compile_blocks:
         assert compile_model(model) == 2 * layers
     ds_config = parallelize.deepspeed_config(

@@ -34,7 +34,8 @@ def _gradients(kind: str, accum_steps: int, chunk_size: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from pipeline.data.dataset import Batch
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
     from pipeline.parallel import parallelize
     from pipeline.train.step import backward_step
 
@@ -63,7 +64,8 @@ def _gradients(kind: str, accum_steps: int, chunk_size: int) -> dict:
 
 
 def _in_process(rank: int, world_size: int) -> dict:
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
     from pipeline.parallel import distributed, parallelize
 
     distributed.init_distributed(120)

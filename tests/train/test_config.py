@@ -134,7 +134,8 @@ def test_a_key_with_no_close_match_lists_the_valid_ones(tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(shapes, tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.commands.train import _millions
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
 
     out = tmp_path / "runs"
     argv = ["train", "--config", str(Path(__file__).resolve().parents[2] / "configs/demo-clip.yaml"), "--dry-run", "--world-size", "2", f"data.train_urls={shapes}",

@@ -195,7 +195,8 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
 
     from pipeline.checkpoint.consolidate import consolidated_state_dict
     from pipeline.commands.runs import export
-    from pipeline.model.contrastive import build_model, register_open_clip_configs
+    from pipeline.model.build import build_model
+    from pipeline.model.config import register_open_clip_configs
     from pipeline.train.config import RunConfig, load_config
 
     run_dir = runs(stage)
@@ -236,7 +237,8 @@ def _gradcache_gradients(rank: int, world_size: int, accum_steps: int, zero_stag
 
     from pipeline.data.dataset import Batch
     from pipeline.loss import LossConfig, build_loss
-    from pipeline.model.contrastive import ModelConfig, build_model
+    from pipeline.model.build import build_model
+    from pipeline.model.config import ModelConfig
     from pipeline.parallel import distributed, parallelize
     from pipeline.train.step import backward_step
 
