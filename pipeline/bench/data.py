@@ -167,7 +167,8 @@ def _build_ours(url: str, args, workers: int, *, jpeg_draft: bool = True, decode
     import open_clip
     from open_clip.transform import PreprocessCfg
 
-    from pipeline.data.dataset import DataConfig, build_loader
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader
     from pipeline.model.image import image_pixel_transform
 
     cfg = DataConfig(train_urls=url, batch_size=args.batch_size, workers=workers, shuffle_buffer=1000,

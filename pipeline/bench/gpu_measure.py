@@ -39,7 +39,7 @@ def synthetic_batches(model_cfg, device: torch.device, batch_size: int, count: i
     same values for every caller with the same rank, so ours and the peers see the same data."""
     import torch
 
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
 
     generator = torch.Generator().manual_seed(1000 + rank)
     context = _context_length(model_cfg)

@@ -105,7 +105,8 @@ def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list
         batches = synthetic_micro_batches(run, args.batch_size, args.accum_steps, args.channels_last)
         while True:
             yield batches
-    from pipeline.data.dataset import DataConfig, build_loader
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader
     from pipeline.model.build import get_tokenizer, image_size, media_transform
     from pipeline.model.contrastive import media_to_device
 
@@ -114,7 +115,8 @@ def _batch_source(run: BenchRun, args, synthetic: bool = False) -> Iterator[list
     placement = {"device": run.device} if args.decode == "gpu" else {}
     loader = build_loader(data_cfg, args.data, rank=run.rank, world_size=run.world_size, seed=args.seed,
                           media_transform=media_transform(run.model_cfg, True),
-                          tokenizer=get_tokenizer(run.model_cfg), image_size=image_size(run.model_cfg), **placement)
+                          tokenizer=get_tokenizer(run.model_cfg), image_size=image_size(run.model_cfg),
+                          global_batch=run.world_size * args.batch_size * args.accum_steps, **placement)
 
     def forever():
         while True:  # the loader moves itself to the next epoch, as in pipeline.train.loop

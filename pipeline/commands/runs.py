@@ -130,7 +130,7 @@ def _load_model(source: Path, config_path: str | None, overrides: list[str]):
 def _eval_command(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.data.dataset import build_loader
+    from pipeline.data.loader import build_loader
     from pipeline.eval.evaluate import evaluate, format_table, read_classes
     from pipeline.model.build import get_tokenizer, image_size, media_transform
 

@@ -51,7 +51,7 @@ def plan(cfg, world_size: int | None = None) -> str:
     import torch
 
     from pipeline.checkpoint.manager import CheckpointManager
-    from pipeline.data.dataset import build_loader
+    from pipeline.data.loader import build_loader
     from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
     from pipeline.parallel import distributed
     from pipeline.parallel.checkpointing import apply_activation_checkpointing
@@ -69,7 +69,7 @@ def plan(cfg, world_size: int | None = None) -> str:
     loader = build_loader(dataclasses.replace(cfg.data, batch_size=micro), cfg.data.train_urls, rank=0,
                           world_size=world_size, seed=cfg.train.seed, tokenizer=get_tokenizer(cfg.model),
                           media_transform=media_transform(cfg.model, True), train=True,
-                          image_size=image_size(cfg.model), device="cpu")
+                          image_size=image_size(cfg.model), device="cpu", global_batch=global_batch)
     dataset = loader.dataset
     steps_per_epoch = len(loader) // accum
     for index, source in enumerate(dataset.sources):
@@ -77,6 +77,9 @@ def plan(cfg, world_size: int | None = None) -> str:
         per_epoch = f"; {dataset.mixture_counts[index]:,} per epoch" if dataset.mixture_counts else ""
         lines.append(f"source {index}: {shards:,} shard{'s' if shards > 1 else ''}, {samples:,} samples{per_epoch}"
                      f" ({source[0][0] if shards == 1 else source[0][0] + ' ...'})")
+    lines.append(f"data: {dataset.canonical} canonical streams of {global_batch // dataset.canonical} samples per "
+                 f"global batch; each of the {world_size * dataset.workers} (rank, worker) pairs serves "
+                 f"{dataset.canonical // (world_size * dataset.workers)}")
     lines.append(f"epoch: {steps_per_epoch:,} steps of {global_batch:,} samples ({steps_per_epoch * global_batch:,}"
                  f" samples; {dataset.remainder_of(0):,} left over, a different stretch each epoch)")
     lines.append(f"run: {cfg.train.steps:,} steps = {cfg.train.steps / max(steps_per_epoch, 1):.2f} epochs, "

@@ -95,7 +95,7 @@ class StreamingDataset(IterableDataset):
 
     def set_canonical(self, canonical: int) -> None:
         """Plan training over `canonical` streams (data.canonical_streams, or the value a resumed run saved)."""
-        problem = fit_error(canonical, self.layout, self.global_batch)
+        problem = fit_error(canonical, self.layout, self.global_batch, auto=not self.cfg.canonical_streams)
         if problem:
             raise ConfigError(problem)
         resampled = (self.sources, self.weights) if self.cfg.resampled else None

@@ -168,11 +168,19 @@ def fitting_layouts(canonical: int, layout: Layout, global_batch: int, limit: in
     return found
 
 
-def fit_error(canonical: int, layout: Layout, global_batch: int) -> str | None:
-    """One line naming what does not fit and the nearest layouts that do (None when `layout` fits)."""
+def fit_error(canonical: int, layout: Layout, global_batch: int, auto: bool = False) -> str | None:
+    """One line naming what does not fit and the nearest layouts that do (None when `layout` fits). `auto`:
+    `canonical` is data.canonical_streams 0's choice, world_size x workers: the workers are what to change."""
     problem = fit_problem(canonical, layout, global_batch)
     if problem is None:
         return None
+    if auto:
+        divisors = [k for k in range(1, min(layout.batch_size, 64) + 1) if layout.batch_size % k == 0]
+        return (f"data.workers {max(layout.workers, 1)} cannot split the micro-batch of {layout.batch_size} samples "
+                f"per rank into equal parts (data.canonical_streams 0 plans world_size x data.workers = {canonical} "
+                f"canonical streams, each giving every step the same number of samples): set data.workers to a "
+                f"divisor of {layout.batch_size} ({', '.join(map(str, divisors[:8]))}), or train.global_batch_size "
+                f"to a multiple of world_size x data.workers, or data.canonical_streams explicitly")
     nearest = fitting_layouts(canonical, layout, global_batch)
     return problem + (f"; layouts that fit: {'; '.join(nearest)}" if nearest else "") + \
         "; or set data.canonical_streams to one that fits (fixed for a run: the loss curve depends on it)"

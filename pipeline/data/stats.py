@@ -10,8 +10,8 @@ STAT_MEANINGS = {
                       "skipped sample",
     "samples_padded": "evaluation slots past the end of a stream's range, or of a skipped sample (left out of the "
                       "figures)",
-    "samples_remainder": "samples not read: the end of an epoch that does not fill one more batch on every "
-                         "stream (counted once per epoch started; the next epoch drops a different stretch)",
+    "samples_remainder": "samples not read: the end of an epoch that does not fill one more global batch "
+                         "(counted once per epoch started; the next epoch drops a different stretch)",
     "samples_not_found": "samples of shards listed in a directory's sizes.json but absent: left out (rank 0, at "
                          "start)",
     "skipped_corrupt_media": "samples skipped: the media does not decode",

@@ -15,7 +15,7 @@ import dataclasses
 from pipeline.checkpoint.manager import CheckpointConfig
 from pipeline.core.args import dump_config, load_config, to_dict  # noqa: F401  (the config API, with RunConfig)
 from pipeline.core.errors import ConfigError
-from pipeline.data.dataset import DataConfig
+from pipeline.data.config import DataConfig
 from pipeline.eval.evaluate import EvalConfig
 from pipeline.loss import LossConfig
 from pipeline.model.config import ModelConfig

@@ -29,15 +29,16 @@ from pipeline.checkpoint.state import seed_everything
 from pipeline.checkpoint.store import check_reachable
 from pipeline.core import randomness
 from pipeline.core.errors import ConfigError
-from pipeline.data.dataset import (
+from pipeline.data.config import DataConfig
+from pipeline.data.loader import (
     STAT_MEANINGS,
-    DataConfig,
     build_loader,
     prefetch_shard_index,
     source_error,
     sum_stats_across_ranks,
 )
 from pipeline.data.mixture import read_manifest
+from pipeline.data.plan import Layout, fit_error
 from pipeline.eval.evaluate import evaluate, format_table, read_classes
 from pipeline.loss import build_loss
 from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
@@ -74,6 +75,11 @@ def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
             f"({cfg.train.global_batch_size}) / (world size {world_size} x train.accum_steps "
             f"{cfg.train.accum_steps}) = {micro}; set train.global_batch_size instead"
         )
+    canonical = cfg.data.canonical_streams or world_size * max(cfg.data.workers, 1)
+    problem = fit_error(canonical, Layout(world_size, cfg.data.workers, micro), cfg.train.global_batch_size,
+                        auto=not cfg.data.canonical_streams)
+    if problem:  # data.canonical_streams 0 is world_size x workers here; a resume keeps the saved value (loader)
+        raise ConfigError(problem)
     # the shard sizes are read on rank 0 alone and kept for its loader, which shares them with every rank
     # (one reading per data set, not one per rank); the launcher ends the other ranks if rank 0 fails here
     reads_data = int(distributed.launcher_environment()["RANK"]) == 0
@@ -141,7 +147,7 @@ def build_loaders(cfg, dist, micro: int):
     common = dict(rank=dist.rank, world_size=dist.world_size, seed=cfg.train.seed, tokenizer=tokenizer,
                   image_size=image_size(cfg.model), device=dist.device)
     loader = build_loader(data_cfg, data_cfg.train_urls, media_transform=media_transform(cfg.model, True),
-                          train=True, **common)
+                          train=True, global_batch=cfg.train.global_batch_size, **common)
     # GradCache holds a step's micro-batches through two passes: with data.decode=gpu as JPEG bytes, decoded
     # on the device in each pass (pipeline.train.step), not as pixels
     loader.defer_decode = cfg.train.accum_steps > 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.checkpoint.state import rng_state, set_rng_state
-from pipeline.data.dataset import STAT_KEYS, sum_stats_across_ranks
+from pipeline.data.loader import STAT_KEYS, sum_stats_across_ranks
 
 
 class TrainState:

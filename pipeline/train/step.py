@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint.state import rng_state, set_rng_state
-from pipeline.data.dataset import materialize
+from pipeline.data.loader import materialize
 from pipeline.model.contrastive import media_to_device
 from pipeline.model.patch_dropout import patch_dropout_rows
 from pipeline.parallel.parallelize import clip_gradients

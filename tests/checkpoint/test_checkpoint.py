@@ -62,7 +62,7 @@ def _engine(zero_stage: int = 0, seed: int = 0):
 
 def _train(engine, first_step: int, steps: int) -> list[float]:
     """`steps` optimizer steps; step s always sees the same batch, so runs can be compared step by step."""
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
     from pipeline.loss import LossConfig, build_loss
     from pipeline.train.step import backward_step
 

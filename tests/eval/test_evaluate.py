@@ -300,7 +300,8 @@ def tiny_clip_weights(tmp_path_factory):
 
 
 def evaluate_shards_on_rank(rank: int, world_size: int, shards: str, weights: str) -> tuple[dict, bool]:
-    from pipeline.data.dataset import DataConfig, build_loader
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader
     from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
     from pipeline.model.config import ModelConfig
 

@@ -182,7 +182,7 @@ class ReductionCounter:
 def _lit_steps(rank: int, world_size: int, pretrained: str, zero_stage: int) -> dict:
     from deepspeed import zero
 
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
     from pipeline.loss import LossConfig, build_loss
     from pipeline.optim import OptimConfig, build_optimizer
     from pipeline.parallel import distributed, parallelize

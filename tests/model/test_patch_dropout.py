@@ -113,7 +113,7 @@ def test_bad_patch_dropout_names_the_key(values, message):
 def _gradients(rank: int, world_size: int, accum_steps: int, step_seed: int, patch_dropout: float) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
     from pipeline.loss import LossConfig, build_loss
     from pipeline.parallel import parallelize
     from pipeline.train.step import backward_step

@@ -21,7 +21,8 @@ def read_epochs(rank, world_size, urls, batch_size, workers, epochs):
     counts are also checked with an all_reduce, the collective a trainer would hang in."""
     import open_clip
 
-    from pipeline.data.dataset import DataConfig, build_loader, sum_stats_across_ranks
+    from pipeline.data.config import DataConfig
+    from pipeline.data.loader import build_loader, sum_stats_across_ranks
 
     cfg = DataConfig(train_urls=urls, batch_size=batch_size, workers=workers, shuffle_buffer=6,
                      retries=1, retry_backoff=0.01)

@@ -71,7 +71,7 @@ def _engine(rank, world_size, *, layers=2, zero_stage=0, precision="fp32", accum
 
 
 def _micro_batches(rank: int, step: int, accum_steps: int, micro: int) -> list:
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
 
     # one local batch, cut into `accum_steps` micro-batches: the same samples whatever the accumulation
     generator = torch.Generator().manual_seed(1000 * step + rank)

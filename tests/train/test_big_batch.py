@@ -33,7 +33,7 @@ def _gradients(kind: str, accum_steps: int, chunk_size: int) -> dict:
     `accum_steps` micro-batches, on a fresh engine of the same initial weights."""
     from deepspeed.utils import safe_get_full_grad
 
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
     from pipeline.model.build import build_model
     from pipeline.model.config import ModelConfig
     from pipeline.parallel import parallelize

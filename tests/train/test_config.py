@@ -38,11 +38,17 @@ def test_unknown_key_is_named():
 
 def test_global_batch_not_divisible_by_world_size(shapes, tmp_path):
     cfg = load_config(RunConfig, None, [f"data.train_urls={shapes}", "train.global_batch_size=30",
-                                        f"train.output_dir={tmp_path}"])
+                                        f"train.output_dir={tmp_path}", "data.workers=1"])
     started = time.perf_counter()
     with pytest.raises(ConfigError, match=r"train\.global_batch_size \(30\).*world size \(4\)"):
         validate(cfg, world_size=4)
     assert validate(cfg, world_size=2) == 15
+    # 2 workers cannot split a micro-batch of 15 into equal parts: refused, naming layouts that fit
+    odd = load_config(RunConfig, None, [f"data.train_urls={shapes}", "train.global_batch_size=30",
+                                        f"train.output_dir={tmp_path}", "data.workers=2"])
+    with pytest.raises(ConfigError, match=r"data.workers 2 cannot split the micro-batch of 15 samples per rank "
+                                          r"into equal parts .*set data.workers to a divisor of 15 \(1, 3, 5, 15\)"):
+        validate(odd, world_size=2)
     assert time.perf_counter() - started < 30
 
 

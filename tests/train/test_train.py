@@ -211,7 +211,7 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     theirs.eval()
     # the trainer's path: uint8 pixels from the loader, through _to_device, normalised by our model;
     # open_clip's path: its own preprocessing's float normalisation of the same pixels
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
     from pipeline.train.step import _to_device
 
     pixels = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -235,7 +235,7 @@ def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
 def _gradcache_gradients(rank: int, world_size: int, accum_steps: int, zero_stage: int) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
-    from pipeline.data.dataset import Batch
+    from pipeline.data.config import Batch
     from pipeline.loss import LossConfig, build_loss
     from pipeline.model.build import build_model
     from pipeline.model.config import ModelConfig
