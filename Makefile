@@ -14,7 +14,7 @@ SHARDS_DIR ?= shards
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint demo demo-clap shards bench-shards bench-data bench-gpu clean
+.PHONY: help install test test-fast lint golden demo demo-clap shards bench-shards bench-data bench-gpu clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,10 @@ shards: install ## build the embedded shapes and tones sets (train + val) into $
 	$(PY) -m pipeline shards build --source shapes --split val --output $(SHARDS_DIR)/shapes/val
 	$(PY) -m pipeline shards build --source tones --split train --output $(SHARDS_DIR)/tones/train
 	$(PY) -m pipeline shards build --source tones --split val --output $(SHARDS_DIR)/tones/val
+
+# GOLDEN_UPDATE=1 (here or in the environment) rewrites the stored file; without it a difference fails the target
+golden: install ## the golden curve: train the reference tiny CLIP (2 ranks, 40 steps), diff it against tests/assets/golden/
+	$(PY) -m tests.golden $(if $(filter-out 0,$(GOLDEN_UPDATE)),--update,)
 
 demo: install ## train the tiny CLIP on the embedded shapes set with 2 local ranks, evaluate, print results
 	$(PY) -m pipeline demo --config configs/demo-clip.yaml
