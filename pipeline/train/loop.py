@@ -176,7 +176,11 @@ class KeyAudit:
 
 
 def train(cfg) -> dict[str, Any]:
-    """Run (or continue) training as configured; every rank calls it. Returns the last eval metrics."""
+    """Run (or continue) training as configured; every rank calls it. Returns the last eval metrics.
+
+    One function of ~115 lines on purpose: it reads top to bottom in the order a run happens (check, plan the
+    start, build, resume, loop, stop or finish), each part a named call (validate, build_engine_for,
+    build_loaders, train_step, log_record, summary); cut into methods, the order would have to be pieced together."""
     started, world_size = time.monotonic(), int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
     micro = validate(cfg, world_size)  # before the process group, the model or any data is touched
     dist = distributed.init_distributed(cfg.train.collective_timeout_s)

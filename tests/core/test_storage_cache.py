@@ -169,7 +169,7 @@ def test_loader_with_a_limited_cache_reads_the_same_samples(s3_server, tmp_path)
 
 
 def test_cache_max_gb_counts_decimal_gigabytes(tmp_path, monkeypatch):
-    from pipeline.data import loader as data
+    from pipeline.data import reader as data
 
     opened = []
     monkeypatch.setattr(storage, "open_shard", lambda url, **settings: opened.append(settings["cache_max_bytes"]))

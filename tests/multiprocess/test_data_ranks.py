@@ -59,7 +59,7 @@ def rank_results(tmp_path_factory):
     write_dataset(root / "uneven", SIZES)
     write_dataset(root / "two", [9, 8], prefix="two")
     planted = write_bad_dataset(root / "bad", BAD_SIZES)
-    jobs = [(str(root / "uneven"), 3, 2, 2), (str(root / "two"), 2, 2, 1), (str(root / "bad"), 4, 2, 1)]
+    jobs = [(str(root / "uneven"), 4, 2, 2), (str(root / "two"), 2, 2, 1), (str(root / "bad"), 4, 2, 1)]
     per_rank = run_ranks(read_jobs, 2, jobs)
     results = {name: [per_rank[0][i], per_rank[1][i]] for i, name in enumerate(["uneven", "two", "bad"])}
     results["planted"] = planted
@@ -67,19 +67,18 @@ def rank_results(tmp_path_factory):
 
 
 def test_exactly_once_two_ranks_two_workers(rank_results):
-    batch_size, streams = 3, 4
+    batch_size, world_size = 4, 2
     results = rank_results["uneven"]
-    per_stream = sum(SIZES) // (streams * batch_size)  # 4 batches per stream
+    steps = sum(SIZES) // (world_size * batch_size)  # 7 global batches of 8 (4 canonical streams x 2 each)
     for result in results:
-        assert result["counts"] == [result["len"]] * 2 == [2 * per_stream] * 2
+        assert result["counts"] == [result["len"]] * 2 == [steps] * 2
     for epoch in range(2):
         keys = results[0]["epochs"][epoch] + results[1]["epochs"][epoch]
         assert len(keys) == len(set(keys)), "a sample was read twice in one epoch"
         missing = all_keys(SIZES) - set(keys)
-        assert len(missing) == sum(SIZES) - streams * per_stream * batch_size  # the documented remainder, 11
+        assert len(missing) == sum(SIZES) - steps * world_size * batch_size  # the documented remainder, 3
         assert set(keys) <= all_keys(SIZES)
     assert results[0]["epochs"][0] != results[0]["epochs"][1]
-
 
 
 def test_fewer_shards_than_streams(rank_results):

@@ -70,6 +70,9 @@ TOLERANCES = {
     "compile": (2e-5, 5e-4),  # measured 2.9e-6 (from step 1), 7.0e-5
     # against data.decode=cpu on the same JPEG copy: other pixels (a level here and there), not other sums
     "jpeg_gpu": (5e-4, 1e-2),  # measured 7.2e-5 (from step 1), 1.8e-3
+    # the reference run on another torch, DeepSpeed or CPU ISA than the file was made with (not measured here:
+    # the rounding rows above show how far other sums drift over 40 steps, at most 4e-6)
+    "other_environment": (1e-3, 1e-2),
 }
 
 
@@ -103,8 +106,20 @@ def out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stored() -> dict:
+def stored_file() -> dict:
     return golden.load_golden()
+
+
+@pytest.fixture(scope="module")
+def stored(stored_file, two_ranks) -> dict:
+    """What every row is held to: the stored file, made with this torch, DeepSpeed and CPU kernel set. On another
+    environment the file holds only within rounding (row a checks that, loosely), and the rows are held, bit for
+    bit or within their tolerance, to this machine's own reference run."""
+    if golden.environment() == stored_file.get("environment"):
+        return stored_file
+    print(f"\nthe golden file was made with {stored_file.get('environment')}, this is {golden.environment()}: "
+          "the rows are compared with this machine's reference run, the file within rounding")
+    return {**stored_file, **golden.collect(two_ranks / "reference"), "environment": golden.environment()}
 
 
 def _launch(label: str, world_size: int, data, out: Path, jobs: list[golden.Job], killed: bool = False) -> None:
@@ -215,7 +230,10 @@ def _assert_close(name: str, run: dict, stored: dict, steps: range) -> None:
     assert scale <= loss_rtol, f"{name}: logit scale differs by {scale:.2e} relative"
 
 
-def test_a_reference_layout_is_the_stored_curve_bit_for_bit(two_ranks, stored):
+def test_a_reference_layout_is_the_stored_curve_bit_for_bit(two_ranks, stored, stored_file):
+    if stored is not stored_file:  # another environment: the file's curve within rounding, not bit for bit
+        _assert_close("other_environment", golden.collect(two_ranks / "reference", weights=False), stored_file,
+                      range(1, STEPS + 1))
     run = _assert_bitwise("reference", two_ranks / "reference", stored)
     assert run["zero_shot_top1"] == stored["zero_shot_top1"]
     assert run["eval"] == stored["eval"]
