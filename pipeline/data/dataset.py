@@ -28,7 +28,16 @@ from pipeline.core import randomness
 from pipeline.core.errors import ConfigError
 from pipeline.data import mixture
 from pipeline.data.config import Batch, DataConfig
-from pipeline.data.plan import EpochPlan, Layout, StreamPlan, eval_range, fit_error, segments_of_range, whole
+from pipeline.data.plan import (
+    EpochPlan,
+    Layout,
+    Pieces,
+    StreamPlan,
+    eval_range,
+    fit_error,
+    segments_of_range,
+    whole,
+)
 from pipeline.data.reader import Entry, StreamReader
 from pipeline.data.samples import RateLimitedLog, SampleDecoder
 
@@ -115,13 +124,14 @@ class StreamingDataset(IterableDataset):
         self._plans: dict[tuple[int, int], StreamPlan] = {}
 
     # --- plans
-    def _pieces(self, epoch: int) -> list[tuple[str, int, int, int]]:
-        """The epoch's shard pieces in their (seed, epoch) order, end to end."""
+    def _pieces(self, epoch: int) -> Pieces | list[tuple[str, int, int, int]]:
+        """The epoch's shard pieces in their (seed, epoch) order, end to end: whole shards as arrays (Pieces: a
+        permutation and sizes, O(shards) numpy, no tuple per shard), a mixture's pieces as a list."""
         if self.mixture_counts:  # each source's share of this epoch (pipeline.data.mixture)
             return mixture.epoch_pieces(self.sources, self.mixture_counts, self.seed, epoch,
                                         self.epoch_plan.read_window(epoch))
         permutation = randomness.generator(self.seed, "shard_order", epoch).permutation(len(self.shards))
-        return whole([self.shards[i] for i in permutation])
+        return Pieces.whole(self.shards, permutation)
 
     def remainder_of(self, epoch: int) -> int:
         """Samples of `epoch` no stream reads."""

@@ -26,6 +26,7 @@ to workers (the batches then depend on the layout) and cannot resume mid-shard.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,26 +62,33 @@ def shuffle_order(length: int, buffer_size: int, rng: np.random.Generator, first
     """Emission order of items 0..length-1 read in order through a shuffle buffer of `buffer_size`:
     once full, each incoming item replaces a uniformly chosen one, which is emitted; the rest is
     emitted in random order at the end. With `first`, only the first `first` items of that order
-    (the same ones), simulated no further than needed."""
+    (the same ones), simulated no further than needed. O(length) time; the simulation walks the items in
+    chunks of plain ints (O(buffer + chunk) beside the order itself)."""
     first = length if first is None else min(first, length)
     if buffer_size <= 1 or length <= 1:
         return np.arange(first, dtype=np.int64)
     order = np.empty(length, dtype=np.int64)
     picks = rng.random(length)
-    buffer: list[int] = []
-    emitted = 0
-    for item in range(length):
-        if emitted >= first:
-            return order[:first]
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        slot = int(picks[item] * buffer_size)
-        order[emitted] = buffer[slot]
-        buffer[slot] = item
-        emitted += 1
-    order[emitted:] = rng.permutation(np.asarray(buffer, dtype=np.int64))
+    if first == 0:
+        return order[:0]
+    buffer = list(range(min(buffer_size, length)))  # the first items fill the buffer, emitting nothing
+    # from item `buffer_size` on, item i emits the one in slot int(picks[i] x buffer_size) and takes its place:
+    # emission number i - buffer_size; the first `first` emissions need items up to buffer_size + first
+    stop = min(length, buffer_size + first)
+    for low in range(buffer_size, stop, _SHUFFLE_CHUNK):
+        high = min(low + _SHUFFLE_CHUNK, stop)
+        emitted = []
+        for item, slot in zip(range(low, high), (picks[low:high] * buffer_size).astype(np.int64).tolist()):
+            emitted.append(buffer[slot])
+            buffer[slot] = item
+        order[low - buffer_size:high - buffer_size] = emitted
+    if stop < length:  # stopped before the last item: the buffer's final order is not drawn
+        return order[:first]
+    order[max(length - buffer_size, 0):] = rng.permutation(np.asarray(buffer, dtype=np.int64))
     return order[:first]
+
+
+_SHUFFLE_CHUNK = 65536
 
 
 def whole(shards: list[tuple[str, int]]) -> list[tuple[str, int, int, int]]:
@@ -88,12 +96,45 @@ def whole(shards: list[tuple[str, int]]) -> list[tuple[str, int, int, int]]:
     return [(url, 0, size, size) for url, size in shards]
 
 
-def segments_of_range(pieces: list[tuple[str, int, int, int]], start: int, end: int) -> list[Segment]:
+class Pieces:
+    """Pieces laid end to end, held as arrays rather than a tuple each: piece i is samples [first[i], end[i])
+    of shard shard[i] of `shards` ((url, listed size) pairs, shared, not copied). Reads as the list of (url,
+    first, end, shard size) tuples it stands for; `bounds` are the cumulative sizes (bounds[i]: the position of
+    piece i). An epoch of 200k whole shards is three arrays of 200k int64 (5 MB) instead of 200k tuples."""
+
+    def __init__(self, shards: Sequence[tuple[str, int]], shard: np.ndarray, first: np.ndarray, end: np.ndarray):
+        self.shards, self.shard, self.first, self.end = shards, shard, first, end
+        self.bounds = np.zeros(len(shard) + 1, dtype=np.int64)
+        np.cumsum(end - first, out=self.bounds[1:])
+
+    @classmethod
+    def whole(cls, shards: Sequence[tuple[str, int]], order: np.ndarray) -> Pieces:
+        """Every shard of `shards` whole, in `order` (a permutation of their indices): what `whole` gives for
+        the shards in that order."""
+        ends = np.fromiter((size for _, size in shards), dtype=np.int64, count=len(shards))[order]
+        return cls(shards, order, np.broadcast_to(np.int64(0), ends.shape), ends)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, index: int) -> tuple[str, int, int, int]:
+        url, size = self.shards[int(self.shard[index])]
+        return url, int(self.first[index]), int(self.end[index]), size
+
+    def __iter__(self) -> Iterator[tuple[str, int, int, int]]:
+        return (self[index] for index in range(len(self)))
+
+
+def segments_of_range(pieces: Pieces | list[tuple[str, int, int, int]], start: int, end: int) -> list[Segment]:
     """Samples [start, end) of the pieces (url, first, end, shard size: samples [first, end) of a shard) laid
     end to end in a circle: positions past the last sample go on at the first piece again (end - start must
-    not exceed the total). Binary search over the pieces' cumulative sizes: O(pieces) once, then O(log)."""
-    sizes = np.fromiter((stop - first for _, first, stop, _ in pieces), dtype=np.int64, count=len(pieces))
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    not exceed the total). Binary search over the pieces' cumulative sizes: O(log pieces) plus the pieces the
+    range covers for `Pieces`; a list pays O(pieces) first for the sizes."""
+    if isinstance(pieces, Pieces):
+        bounds = pieces.bounds
+    else:
+        sizes = np.fromiter((stop - first for _, first, stop, _ in pieces), dtype=np.int64, count=len(pieces))
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
     total = int(bounds[-1])
     segments, offset = [], 0
     while start < end:  # at most twice: the range before the wrap and the range after it
@@ -191,8 +232,9 @@ class EpochPlan:
 
     def __init__(self, pieces_of, epoch_total: int, canonical: int, per_batch: int, shuffle_buffer: int, seed: int,
                  resampled: tuple[list[list[tuple[str, int]]], list[float]] | None = None, epoch_samples: int = 0):
-        """`pieces_of(epoch)`: the epoch's pieces (url, first, end, shard size) in order; `per_batch`: samples of a
-        canonical stream in each global batch (global batch / canonical); `resampled`: (sources, weights)."""
+        """`pieces_of(epoch)`: the epoch's pieces (url, first, end, shard size) in order, a list or Pieces (asked
+        for again by every stream: whole shards cost O(shards) numpy); `per_batch`: samples of a canonical stream
+        in each global batch (global batch / canonical); `resampled`: (sources, weights)."""
         self.pieces_of, self.epoch_total, self.canonical = pieces_of, epoch_total, canonical
         self.per_batch, self.shuffle_buffer, self.seed, self.resampled = per_batch, shuffle_buffer, seed, resampled
         samples = (epoch_samples or epoch_total) if resampled else epoch_total
