@@ -516,7 +516,7 @@ class ProbabilisticLoss(_GlobalBatchLoss):
 
     Query i's mean x_i is scored against every candidate j of the other tower with the candidate's
     sigma; c = 1, k = 1 for the "contrastive" form, c = D, k = 2 for the exact Gaussian likelihood.
-    Both directions, as in CLIP. The model's logit scale enters through sigma (see models.py).
+    Both directions, as in CLIP. The model's logit scale enters through sigma (see pipeline/model/contrastive.py).
     """
 
     def _logits(self, queries: torch.Tensor, candidates: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     cfg = load_config(RunConfig, "configs/demo-clip.yaml", ["optim.lr=1e-3", "train.global_batch_size=256"])
 
-Every component owns its config dataclass (`DataConfig` in data.py, `ModelConfig` in models.py,
+Every component owns its config dataclass (`DataConfig` in data/config.py, `ModelConfig` in model/config.py,
 `OptimConfig` in optim.py, ...), each field with a docstring under it and validation in
 `__post_init__` raising ConfigError; `pipeline.train.config.RunConfig` composes them. This module only
 knows how to fill, validate and dump dataclasses. Keys that no dataclass declares are one error,

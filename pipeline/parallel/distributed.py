@@ -8,7 +8,8 @@
 
 With no GPU everything runs on DeepSpeed's CPU accelerator with gloo; nothing to set by hand.
 Process groups only; what is applied to the model (engine, precision, compile) is pipeline.parallel.parallelize.
-With parallelize.py and checkpoint.py, the only place that imports deepspeed (layer 2).
+With parallelize.py, pipeline/checkpoint/ and the trainer, among the places that import deepspeed (pipeline/model,
+data, loss and the other library packages never do: pyproject.toml's forbidden contract).
 """
 
 from __future__ import annotations

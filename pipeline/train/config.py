@@ -2,9 +2,9 @@
 
     cfg = load_config(RunConfig, "configs/demo-clip.yaml", ["optim.lr=1e-3", "train.global_batch_size=256"])
 
-Layer 3: the sections live with their components below (`ModelConfig` in models.py, `DataConfig` in
-data.py, `LossConfig` in losses.py, `OptimConfig` in optim.py, `CheckpointConfig` in checkpoint.py,
-`EvalConfig` in evaluate.py); this module composes them and owns `TrainConfig`, which only the
+The sections live with their components in the layers below (`ModelConfig` in pipeline/model/config.py,
+`DataConfig` in pipeline/data/config.py, `LossConfig` in pipeline/loss.py, `OptimConfig` in pipeline/optim.py,
+`CheckpointConfig` in pipeline/checkpoint/manager.py, `EvalConfig` in pipeline/eval/evaluate.py); this module composes them and owns `TrainConfig`, which only the
 train loop reads. Filling, validating and dumping are pipeline.core.args.
 """
 
