@@ -8,7 +8,7 @@ The step and samples seen, the data position (the loader's epoch and batches con
 re-derives the rest), the data counters of the run so far over all ranks (so that metrics.jsonl's `data/*`
 go on counting across a resume: the loader's own counters start at 0 in every invocation), every RNG the run draws from (python, numpy, torch, CUDA), and what wrote the
 checkpoint (world size, the resolved config), which a resume is checked against before anything is
-written (pipeline.checkpoint.manager.check_resume_compatible). Layer 2, beside the checkpoint it fills.
+written (pipeline.checkpoint.plan.check_resume_compatible).
 
 Elastic resume (W ranks saved, W' resume): rank r loads rank (r mod W)'s state. The step, samples seen and
 data position are the same on every rank, so nothing is lost; the loader lays the rest of the epoch over the
