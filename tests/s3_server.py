@@ -18,10 +18,14 @@ values as CLI flags are `cli_storage_options()`.
 
 The count is a WSGI middleware around moto's own application (werkzeug's server calls `server.app`
 for every request), so it sees every request the server answers, from this process or another one.
+
+    with uploads_cut_after_first_file(fs):        # a connection that drops after one file of a save reached S3
+        manager.save(...)                         # raises ConnectionError from the second put_file on
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import urllib.parse
@@ -32,6 +36,29 @@ from typing import Any
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
+
+
+@contextlib.contextmanager
+def uploads_cut_after_first_file(fs):
+    """Inside the block, the first `fs.put_file` uploads and every later one raises ConnectionError; the
+    block must raise it (a save that did not notice the drop is a failure). `fs` is the fsspec instance the
+    code under test uses (fsspec caches instances, so `url_to_fs` with the same URL and options returns it)."""
+    real_put_file, uploads = fs.put_file, []
+
+    def flaky_put_file(local, remote, *args, **kwargs):
+        if uploads:
+            raise ConnectionError("connection reset by peer (injected)")
+        uploads.append(remote)
+        return real_put_file(local, remote, *args, **kwargs)
+
+    fs.put_file = flaky_put_file
+    try:
+        yield uploads
+    except ConnectionError:
+        return
+    finally:
+        fs.put_file = real_put_file
+    raise AssertionError("the save did not fail although its uploads were cut after the first file")
 
 
 def free_port() -> int:

@@ -1,7 +1,8 @@
-"""Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory|soak|plan`. Each prints its figures and
+"""Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory|soak|plan|precision`. Each prints its figures and
 the ratio against a peer run side by side (never a timed assertion); `soak` prints the memory and open files of
-every process of a long training run, `plan` the cost of the epoch plan at LAION scale. Each benchmark lives in
-its own module (`shards.py`, `data.py`, `gpu.py`, `loss.py`, `soak.py`, `plan.py`) exposing
+every process of a long training run, `plan` the cost of the epoch plan at LAION scale, `precision` the demo's
+zero-shot top-1 in each precision mode beside fp32's. Each benchmark lives in its own module (`shards.py`,
+`data.py`, `gpu.py`, `loss.py`, `soak.py`, `plan.py`, `precision.py`) exposing
 `add_arguments(parser)` and `run(args)`; what they share, the results file and the table cells, is here.
 """
 
@@ -23,11 +24,12 @@ BENCHMARKS = {
     "loss-memory": ("pipeline.bench.loss", "peak memory of the contrastive loss vs the batch N: linear when chunked"),
     "soak": ("pipeline.bench.soak", "a long multi-rank training run: RSS and open files of every process over the steps"),
     "plan": ("pipeline.bench.plan", "epoch plans, resumes and loader state at LAION-5B scale, from synthetic shard sizes"),
+    "precision": ("pipeline.bench.precision", "the demo trained in fp32, amp_bf16 and amp: each zero-shot top-1 beside fp32's"),
 }
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory, soak, plan)", description=__doc__)
+    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory, soak, plan, precision)", description=__doc__)
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_BenchmarkParser)
     for name, (module_name, summary) in BENCHMARKS.items():
         if importlib.util.find_spec(module_name) is None:  # a benchmark module this checkout lacks

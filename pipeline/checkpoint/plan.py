@@ -7,7 +7,8 @@ checked in full before the run writes anything (config.yaml included) or builds 
   file) any that do not; nothing ever committed here means a fresh start.
 - train.resume=TAG or PATH: that checkpoint, or a ConfigError saying why it cannot be resumed from.
 - resuming: the checkpoint's saved run config is compared with this run's (RESUME_KEYS), naming every
-  difference (`check_resume_compatible`).
+  difference (`check_resume_compatible`), and the saved data plan's canonical streams are held to this run's
+  setting and layout (`check_data_plan`: the same C, and a layout that reads its global batches).
 
 DeepSpeed's `load_checkpoint` takes a directory and a tag and fails late, with its own messages, on a
 missing or partial checkpoint, a changed setting or a foreign directory; it does not choose what to resume
@@ -31,6 +32,7 @@ from pipeline.checkpoint.layout import (
 )
 from pipeline.checkpoint.store import CheckpointStore, open_store
 from pipeline.core.errors import ConfigError
+from pipeline.data.plan import Layout, fit_error
 from pipeline.parallel import distributed
 
 log = logging.getLogger(LOGGER)
@@ -64,6 +66,36 @@ def check_resume_compatible(trainer_state: dict[str, Any], run_config: dict[str,
         return
     advice = "resume with the checkpoint's settings, or start a new run (another train.name)"
     raise ConfigError(f"cannot resume from '{source}': {'; '.join(differences)}: {advice}")
+
+
+def check_data_plan(trainer_state: dict[str, Any], run_config: dict[str, Any] | None, world_size: int,
+                    source: str) -> None:
+    """ConfigError when this run cannot continue the saved data plan: the checkpoint's loader state predates
+    canonical streams, data.canonical_streams is set to another value than the saved C, or this layout (world
+    size, data.workers, micro-batch) does not read C streams' global batches (pipeline.data.plan.fit_error, which
+    names the layouts that do). A resume keeps C whatever data.canonical_streams 0 would choose for a fresh start."""
+    loader = trainer_state.get("loader")
+    if not run_config or not isinstance(loader, dict) or "epoch" not in loader:
+        return  # no train loader state to continue (a model-only checkpoint): nothing to hold
+    saved = loader.get("canonical_streams")
+    if saved is None:
+        raise ConfigError(f"cannot resume the data position from '{source}': its loader state has no "
+                          "data.canonical_streams (written by an earlier version, whose batches depended on the "
+                          "layout); resume it with that version, or start a new run")
+    setting = lookup(run_config, "data.canonical_streams")
+    if setting not in (MISSING, 0, saved):
+        raise ConfigError(f"cannot resume from '{source}': data.canonical_streams is {setting}, the run was planned "
+                          f"over {saved} canonical streams and a resume keeps them (they decide the batches); set "
+                          f"data.canonical_streams={saved} or leave it 0")
+    global_batch, accum = lookup(run_config, "train.global_batch_size"), lookup(run_config, "train.accum_steps")
+    workers = lookup(run_config, "data.workers")
+    if MISSING in (global_batch, accum, workers):
+        return
+    layout = Layout(world_size, workers, global_batch // (world_size * accum))
+    problem = fit_error(int(saved), layout, global_batch)
+    if problem:
+        raise ConfigError(f"cannot resume from '{source}' on {world_size} ranks x {max(workers, 1)} data.workers: "
+                          f"{problem}")
 
 
 class StartPlanner:
@@ -185,6 +217,7 @@ class StartPlanner:
             return None, None, None
         trainer_state = self.read_trainer_state(source)
         check_resume_compatible(trainer_state, run_config, source)
+        check_data_plan(trainer_state, run_config, self.world_size, source)
         store, tag = self.locate(source)
         saved_stage = store.saved_zero_stage(tag)
         if saved_stage is None:

@@ -78,7 +78,7 @@ def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
     canonical = cfg.data.canonical_streams or world_size * max(cfg.data.workers, 1)
     problem = fit_error(canonical, Layout(world_size, cfg.data.workers, micro), cfg.train.global_batch_size,
                         auto=not cfg.data.canonical_streams)
-    if problem:  # data.canonical_streams 0 is world_size x workers here; a resume keeps the saved value (loader)
+    if problem:  # 0 is world_size x workers for a fresh start; a resume keeps the saved C (checkpoint.plan checks it)
         raise ConfigError(problem)
     # the shard sizes are read on rank 0 alone and kept for its loader, which shares them with every rank
     # (one reading per data set, not one per rank); the launcher ends the other ranks if rank 0 fails here

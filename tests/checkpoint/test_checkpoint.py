@@ -27,6 +27,7 @@ from pipeline.commands.runs import load_model_from_run
 from pipeline.core.errors import ConfigError
 from pipeline.train.config import RunConfig, dump_config, load_config, to_dict
 from tests.distributed_helpers import run_ranks
+from tests.s3_server import uploads_cut_after_first_file
 
 REPO = Path(__file__).resolve().parents[2]
 MICRO_BATCH = 4
@@ -145,7 +146,7 @@ def test_s3_checkpoint_resumes_exactly_and_loads_as_a_model(process_group, bucke
     _assert_same_weights({name: p.detach() for name, p in model.named_parameters()}, saved)
 
 
-def test_interrupted_s3_upload_keeps_previous_checkpoint(process_group, bucket, tmp_path, monkeypatch):
+def test_interrupted_s3_upload_keeps_previous_checkpoint(process_group, bucket, tmp_path):
     import fsspec
 
     url, storage_options = bucket
@@ -159,23 +160,8 @@ def test_interrupted_s3_upload_keeps_previous_checkpoint(process_group, bucket, 
 
     # the connection drops after the first file of a save reached S3
     fs, _ = fsspec.core.url_to_fs(cfg.dir, **storage_options)  # the instance the manager uses (fsspec caches it)
-    real_put_file = fs.put_file
-
-    def cut_after_first_file(save):
-        uploads = []
-
-        def flaky_put_file(local, remote, *args, **kwargs):
-            if uploads:
-                raise ConnectionError("connection reset by peer (injected)")
-            uploads.append(remote)
-            return real_put_file(local, remote, *args, **kwargs)
-
-        monkeypatch.setattr(fs, "put_file", flaky_put_file)
-        with pytest.raises(ConnectionError):
-            save()
-        monkeypatch.undo()
-
-    cut_after_first_file(lambda: manager.save(engine, 2, _state(2)))
+    with uploads_cut_after_first_file(fs):
+        manager.save(engine, 2, _state(2))
     assert "step_00000002" in manager.tags(), "the partial upload should be there for this test to mean anything"
     assert manager.latest_tag() == "step_00000001"
     assert "trainer_state_rank0.pt is missing" in manager.problem("step_00000002")  # uploaded last: not there
@@ -190,7 +176,8 @@ def test_interrupted_s3_upload_keeps_previous_checkpoint(process_group, bucket, 
     assert restarted.tags() == ["step_00000002", "step_00000003"] and restarted.latest_tag() == "step_00000003"
     assert restarted.resolve("auto") == "step_00000003"
     # an unfinished save this manager started is its own to remove, at its next save
-    cut_after_first_file(lambda: restarted.save(other, 4, _state(4)))
+    with uploads_cut_after_first_file(fs):
+        restarted.save(other, 4, _state(4))
     restarted.save(other, 5, _state(5))
     assert restarted.tags() == ["step_00000002", "step_00000005"] and restarted.latest_tag() == "step_00000005"
 
@@ -417,6 +404,33 @@ def test_plan_start_names_every_setting_a_resume_cannot_change(process_group, tm
     # another world size is no difference: the checkpoint is converted (tests/multiprocess/test_elastic_resume.py)
     assert CheckpointManager(cfg, tmp_path / "run", 0, 2)._plan_here("auto", False, saved_config) == (
         "step_00000005", 1, 2)
+
+
+def test_plan_start_holds_the_saved_canonical_streams_to_this_layout(process_group, tmp_path):
+    # a run planned over 4 canonical streams at global batch 16 (data.canonical_streams 0 on 2 ranks x 2 workers)
+    cfg = CheckpointConfig(dir=str(tmp_path / "ckpt"))
+    manager = CheckpointManager(cfg, tmp_path / "run", rank=0, world_size=2)
+    saved_config = _run_config("train.global_batch_size=16", "data.workers=2")
+    loader = {"epoch": 0, "canonical_streams": 4, "global_batch": 16, "stream_position": 8}
+    manager.save(_engine(), 5, {**_state(5), "config": saved_config, "loader": loader})
+
+    def plan(world_size: int, *overrides: str):
+        run_config = _run_config("train.global_batch_size=16", *overrides)
+        return CheckpointManager(cfg, tmp_path / "run", 0, world_size)._plan_here("auto", False, run_config)
+
+    # any layout whose world_size x workers divides 4 (and 4 the micro-batches), whatever 0 would choose afresh
+    assert plan(1, "data.workers=4")[0] == plan(4, "data.workers=1")[0] == plan(2, "data.canonical_streams=4")[0] \
+        == "step_00000005"
+    with pytest.raises(ConfigError, match=r"^cannot resume from 'step_00000005': data.canonical_streams is 8, the run "
+                                          r"was planned over 4 .*set data.canonical_streams=4 or leave it 0$"):
+        plan(2, "data.canonical_streams=8")
+    with pytest.raises(ConfigError, match=r"^cannot resume from 'step_00000005' on 1 ranks x 3 data.workers: .*"
+                                          r"layouts that fit: world_size 1 x data.workers 4"):
+        plan(1, "data.workers=3")
+    # a loader state from before canonical streams: its batches depended on the layout, so it cannot continue
+    manager.save(_engine(), 6, {**_state(6), "config": saved_config, "loader": {"epoch": 0, "batches_consumed": 3}})
+    with pytest.raises(ConfigError, match="step_00000006.*has no data.canonical_streams"):
+        plan(2, "data.workers=2")
 
 
 @pytest.mark.parametrize(("saved", "resumed"), [(2, 0), (0, 2), (2, 3), (3, 1)])

@@ -20,6 +20,7 @@ from pipeline.checkpoint import store as store_module
 from pipeline.checkpoint.layout import LATEST, TMP_PREFIX, tag_for_step, trainer_state_name
 from pipeline.checkpoint.store import LocalStore, RemoteStore, open_store
 from pipeline.core.storage import url_to_fs
+from tests.s3_server import uploads_cut_after_first_file
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -182,24 +183,13 @@ def test_remote_upload_sends_the_trainer_state_last(remote_url, tmp_path, monkey
     assert not list((tmp_path / "staging" / "rank0").glob("step_*")), "staging not cleaned"
 
 
-def test_remote_interrupted_upload_is_never_complete(remote_url, tmp_path, monkeypatch):
+def test_remote_interrupted_upload_is_never_complete(remote_url, tmp_path):
     url, storage_options = remote_url
     store = RemoteStore(url, storage_options, staging=tmp_path / "staging" / "rank0")
     _save(store, 1)
     fs, _ = url_to_fs(url, storage_options)
-    real_put_file = fs.put_file
-    uploads = []
-
-    def flaky_put_file(local, remote, *args, **kwargs):
-        if uploads:
-            raise ConnectionError("connection reset by peer (injected)")
-        uploads.append(remote)
-        return real_put_file(local, remote, *args, **kwargs)
-
-    monkeypatch.setattr(fs, "put_file", flaky_put_file)
-    with pytest.raises(ConnectionError):
+    with uploads_cut_after_first_file(fs):
         store.write_tag(tag_for_step(2), _write, rank=0)
-    monkeypatch.undo()
     assert store.tags() == ["step_00000001", "step_00000002"] and store.latest() == "step_00000001"
     assert not store.is_complete("step_00000002", 1)
     assert store.problem("step_00000002") == f"{trainer_state_name(0)} is missing"
