@@ -31,11 +31,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) check
 	@touch $@
 
-test: install ## run the test suite (CPU only; multi-rank tests use gloo)
-	$(PY) -m pytest -q tests
+# pytest-xdist: TEST_WORKERS test processes, each test file whole on one of them (module fixtures share trained
+# runs). On 2 cores, 2 overlap one file's process start-ups and waits with another's work; TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: install ## run the test suite (CPU only; multi-rank tests use gloo; TEST_WORKERS=2 processes)
+	$(PYTEST) tests
 
 test-fast: install ## the tests not marked slow
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: install ## ruff, and the import-linter layer contracts of pyproject.toml
 	$(VENV)/bin/ruff check pipeline tests

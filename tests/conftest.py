@@ -1,5 +1,8 @@
 """Shared fixtures: `s3_server` is a real moto S3 server on loopback (see tests/s3_server.py); `shards` is a
-tiny shapes training set (64 samples in 2 shards) built once per test module (a module may define its own)."""
+tiny shapes training set (64 samples in 2 shards) built once per test module (a module may define its own).
+
+Test files holding a test marked slow run first: under pytest-xdist (`make test`: each file whole on one worker)
+the files a worker takes last are then short ones, and the workers finish together."""
 
 from pathlib import Path
 
@@ -24,3 +27,8 @@ def shards(tmp_path_factory) -> Path:
     build_shards(BuildConfig(source="shapes", split="train", output=str(root), count=64, samples_per_shard=32),
                  progress=False)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept

@@ -152,18 +152,12 @@ class _Recorder:
 def run_jobs(rank: int, world_size: int, data: tuple[str, str], out: str, jobs: list[Job]) -> list[str]:
     """Every job in turn on this rank (tests.distributed_helpers.run_ranks calls it on each rank); returns how
     each ended ('done' or 'preempted')."""
-    import multiprocessing
-
     import torch
 
     from pipeline.train.config import RunConfig, load_config
     from pipeline.train.loop import train
     from pipeline.train.preemption import Preempted
 
-    # a process that tests.distributed_helpers spawned makes 'spawn' its default start method: DataLoader workers
-    # would start as fresh interpreters (4-9 s a loader on 2 cores). `python -m pipeline train` starts them with
-    # the platform's default (fork on Linux), and so do we.
-    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
     _Recorder.install()
     _Recorder.rank = rank
     # DeepSpeed's ZeRO-3 engine replaces torch.nn.functional.linear for the rest of the process ("This will persist

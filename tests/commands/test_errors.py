@@ -18,6 +18,7 @@ import torch
 
 from pipeline.train.config import RunConfig, dump_config, load_config
 
+pytestmark = pytest.mark.slow  # every case starts `python -m pipeline` (torch, DeepSpeed): seconds each
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -171,11 +171,14 @@ def test_rank_stops_and_saves_when_its_launcher_is_killed_outright(tmp_path):
 
 
 # -- real training through the deepspeed launcher ---------------------------------------------------------------
+STEPS = 16  # the signal goes after step 3: the runs stop well before their end, and resume to it
+
+
 def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return [
         "model.name=tiny-clip", f"data.train_urls={shards}", "data.val_urls=", "data.workers=1",
         "data.shuffle_buffer=16", f"train.output_dir={out}", "train.name=run", "train.global_batch_size=8",
-        "train.steps=40", "train.log_every=1", "train.precision=fp32", "optim.warmup_steps=1",
+        f"train.steps={STEPS}", "train.log_every=1", "train.precision=fp32", "optim.warmup_steps=1",
         "checkpoint.every_steps=0", "eval.every_steps=0", *extra,
     ]
 
@@ -227,7 +230,7 @@ def test_sigterm_to_the_single_node_script_stops_every_rank_and_resumes_exactly(
     text = log.read_text()
     assert status == PREEMPTED_EXIT_CODE, text[-3000:]
     step = _stopped_step(log)
-    assert 3 <= step < 40 and (out / "run" / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert 3 <= step < STEPS and (out / "run" / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     # the launcher and each rank: 75 (deepspeed's launch.py, then its runner, pass the first rank's 75 on)
     summary = next(line for line in text.splitlines() if line.startswith("supervise: the launcher exited"))
     assert summary.startswith("supervise: the launcher exited 75;") and summary.count("exited 75") == 3, summary

@@ -2,10 +2,11 @@
 
 One launch checks several things, to keep the file within a few minutes:
 - `zero0`: 6 steps at ZeRO-0, the reference: loss falls, sample keys per step recorded;
-- `resumed`: the same run stopped after 3 steps, resumed, SIGKILLed on one rank mid-run, restarted:
-  the same loss at every step (fp32, exact) and the same sample keys as the reference;
-- `zero1`, `zero2`, `zero3` (+ gradient checkpointing, + held-out evaluation): the first steps' losses
-  agree with ZeRO-0;
+- `resumed`: the same run with a checkpoint every step, rank 1 SIGKILLed after step 4 (the launcher reports the
+  loss), restarted with train.resume=auto: the same loss at every step (fp32, exact) and the same sample keys
+  as the reference, the data counters summed over both invocations, the killed run's later checkpoints pruned;
+- `zero3` (+ gradient checkpointing, + held-out evaluation): the first steps' losses agree with ZeRO-0
+  (ZeRO 1, 2 and 3 over 40 steps against the stored curve: tests/multiprocess/test_golden.py, row e);
 - exports of the ZeRO-0 and ZeRO-3 runs load in open_clip and give our model's embeddings.
 In-process (tests/distributed_helpers.run_ranks): GradCache gradients, amp_bf16 / amp finite losses;
 a former precision name is refused before any work (tests/parallel/test_precision.py has the rest of the modes).
@@ -133,15 +134,10 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
         if name == "zero0":
             _launch(_overrides(shards, out, name))
         elif name == "resumed":
-            _launch(_overrides(shards, out, name, "train.stop_after_steps=3"))
-            # resume, checkpoint every step, and lose rank 1 to SIGKILL after step 4
-            code = _launch(_overrides(shards, out, name, "train.resume=auto", "checkpoint.every_steps=1"),
-                           kill_rank_after_step=4)
+            # checkpoint every step, and lose rank 1 to SIGKILL after step 4; then resume
+            code = _launch(_overrides(shards, out, name, "checkpoint.every_steps=1"), kill_rank_after_step=4)
             assert code != 0, "the launcher must report the killed rank"
             _launch(_overrides(shards, out, name, "train.resume=auto"))
-        elif name in ("zero1", "zero2"):
-            _launch(_overrides(shards, out, name, f"train.zero_stage={name[-1]}", "train.steps=3",
-                               "optim.warmup_steps=1"))
         elif name == "zero3":
             _launch(_overrides(shards, out, name, "train.zero_stage=3", "model.grad_checkpointing=true",
                                "train.steps=3", f"data.val_urls={shards['val']}"))
@@ -159,12 +155,12 @@ def test_zero0_loss_falls(runs):
     assert (runs("zero0") / "curves.png").stat().st_size > 0
 
 
-def test_stop_kill_and_resume_reproduce_every_step(runs):
+def test_kill_and_resume_reproduce_every_step(runs):
     reference, resumed = runs("zero0"), runs("resumed")
     assert _losses(resumed) == _losses(reference)  # exact: fp32 on CPU is deterministic
     for rank in (0, 1):
         assert _keys(resumed, rank) == _keys(reference, rank)
-    # data/* count over the run, across the three invocations (the loader's own counters restart in each)
+    # data/* count over the run, across both invocations (the loader's own counters restart in each)
     counters = [{k: v for k, v in _final_train_record(run).items() if k.startswith("data/")} for run in (reference, resumed)]
     assert counters[0] == counters[1] and counters[0]["data/samples_read"] > 0, counters
     windows = [r for r in read_metrics(resumed / "metrics.jsonl") if r["kind"] == "train"]
@@ -174,11 +170,10 @@ def test_stop_kill_and_resume_reproduce_every_step(runs):
     assert tags[-1] == "step_00000006" and len(tags) <= 3
 
 
-@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
-def test_zero_stages_agree_with_zero0(runs, stage):
-    reference, losses = _losses(runs("zero0")), _losses(runs(stage))
+def test_zero3_with_gradient_checkpointing_agrees_with_zero0(runs):
+    reference, losses = _losses(runs("zero0")), _losses(runs("zero3"))
     for step in (1, 2, 3):
-        assert losses[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), (stage, step)
+        assert losses[step] == pytest.approx(reference[step], rel=1e-4, abs=1e-4), step
 
 
 def test_zero3_evaluates_on_held_out_shards(runs):
