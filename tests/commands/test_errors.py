@@ -177,6 +177,18 @@ def test_resume_with_another_zero_stage_changes_nothing(trained, shards, tmp_pat
     assert _files(out) == before
 
 
+@pytest.mark.parametrize(("change", "expected"), [
+    ("data.canonical_streams=2", "data.canonical_streams is 2, the run was planned over 1 canonical streams"),
+    # data.workers 2 would plan 2 streams afresh; the resume keeps the saved 1, which 2 workers cannot serve
+    ("data.workers=2", "on 1 ranks x 2 data.workers: data.canonical_streams 1 does not fit"),
+])
+def test_resume_that_cannot_continue_the_data_plan_changes_nothing(trained, shards, tmp_path, change, expected):
+    out, before = _copy_of(trained, tmp_path)
+    result = _pipeline(*_train_args(shards, out, "train.resume=auto", "train.steps=3", change))
+    _assert_one_line_error(result, "cannot resume from 'step_00000002'", expected)
+    assert _files(out) == before
+
+
 @pytest.mark.slow
 def test_diverging_loss_is_one_line(shards, tmp_path):
     result = _pipeline(*_train_args(shards, tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=4",
