@@ -9,7 +9,9 @@
     python -m pipeline demo --config configs/demo-clip.yaml
 
 Each command lives in its own module, which registers its sub-parser through
-`register_cli(subparsers)`; modules are imported only as far as building the parser needs.
+`register_cli(subparsers)`; modules are imported only as far as building the parser needs. A command that
+runs loads torch and the modules it names in its `imports` default with the cyclic garbage collector off, then
+freezes what they built out of it (`load_imports`).
 
 Exit status: 0 done; 2 the user's to fix, with one line `error: ...` on stderr and no traceback (a bad
 or unknown setting, a missing or unreadable run, checkpoint or file: ConfigError; a command that produced
@@ -24,6 +26,7 @@ rank exits with the same status.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -61,6 +64,27 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 USER_ERROR_EXIT_CODE = 2
 
 
+def load_imports(modules: tuple[str, ...] = ()) -> None:
+    """Import `modules` (torch, open_clip, DeepSpeed's users: about a million objects) without the cyclic
+    garbage collector, then move everything alive into its permanent generation (`gc.freeze`).
+
+    With the collector on, an import this size sets off about 1,200 collections, 7 of them full ones that walk
+    the growing heap: 0.7 s of the 4.5 s that `python -m pipeline train` takes to import on 2 cores, paid by
+    every rank of every launch. Frozen, the modules' objects are never walked again: later full collections
+    scan only what the command itself allocates, and forked processes (DataLoader workers) do not touch, and so
+    copy, the parent's pages when they collect. The cost: a reference cycle left by an import is never freed.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def launcher_rank() -> int:
     """This process's rank as its launcher announced it (torchrun / deepspeed: RANK; srun: SLURM_PROCID);
     0 for a plain process."""
@@ -86,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    from pipeline.train.preemption import (
-        Preempted,  # (imports torch) only once a command runs: not for --help
-    )
+    # torch, and the modules the command names, only once a command runs: not for --help
+    load_imports(("pipeline.train.preemption", *getattr(args, "imports", ())))
+    from pipeline.train.preemption import Preempted
 
     if not getattr(args, "func", None):
         parser.print_help()

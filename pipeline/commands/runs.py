@@ -187,7 +187,8 @@ def _register_eval(subparsers) -> None:
     parser.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (a quick look)")
     parser.add_argument("--no-zero-shot", action="store_true", help="skip zero-shot even if classes.json exists")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
-    parser.set_defaults(func=_eval_command)
+    parser.set_defaults(func=_eval_command,
+                        imports=("pipeline.data.loader", "pipeline.eval.evaluate", "pipeline.model.build"))
 
 
 def register_cli(subparsers) -> None:

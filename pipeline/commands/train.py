@@ -128,4 +128,4 @@ def register_cli(subparsers) -> None:
                         "steps per epoch, samples per source, memory per rank); train nothing, write nothing")
     parser.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan "
                         "for (default: the launcher's WORLD_SIZE, else 1)")
-    parser.set_defaults(func=_train_command)
+    parser.set_defaults(func=_train_command, imports=("pipeline.train.loop",))
