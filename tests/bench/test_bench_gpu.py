@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ import torch
 
 from pipeline.bench.gpu_search import Budget, largest_fitting
 from pipeline.core import randomness
-from tests.distributed_helpers import run_ranks
+from tests.distributed_helpers import run_command, run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,11 +120,11 @@ def test_bench_runs_the_trainers_build_path_and_step():
 def _bench(tmp_path: Path, *flags: str, returncode: int = 0) -> tuple[dict, str]:
     """Run the command on tiny-clip; returns the results file and the output."""
     out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "pipeline", "bench", "gpu", "--model", "tiny-clip", "--batch-size", "4",
-               "--steps", "3", "--warmup", "1", "--breakdown-steps", "2", "--peak-matmul-size", "512",
-               "--json", str(out), *flags]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
+    command = ["bench", "gpu", "--model", "tiny-clip", "--batch-size", "4", "--steps", "3", "--warmup", "1",
+               "--breakdown-steps", "2", "--peak-matmul-size", "512", "--json", str(out), *flags]
+    # `python -m pipeline bench gpu ...`, forked from the helpers' preloaded server (its imports done)
+    result = run_command(command, cwd=REPO, timeout=600,
+                         env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
     assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
 

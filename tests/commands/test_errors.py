@@ -1,8 +1,9 @@
 """User errors end in one line, `error: ...` on stderr, exit status 2, no traceback, for every command.
 
-Each case runs the real command line, `python -m pipeline ...`, in a subprocess: a bad or unknown
-setting, a missing run, a corrupt checkpoint, a missing resume checkpoint, a fresh start over another
-run's checkpoints, a ZeRO-stage change on resume, a diverging loss. Under a launcher only rank 0 prints.
+Each case runs the command line `python -m pipeline ...` in its own process (its entry point, in a process forked
+from the helpers' preloaded server: tests/distributed_helpers.run_command): a bad or unknown setting, a missing
+run, a corrupt checkpoint, a missing resume checkpoint, a fresh start over another run's checkpoints, a
+ZeRO-stage change on resume, a diverging loss. Under a launcher only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -17,18 +18,23 @@ import pytest
 import torch
 
 from pipeline.train.config import RunConfig, dump_config, load_config
+from tests.distributed_helpers import run_command
 
-pytestmark = pytest.mark.slow  # every case starts `python -m pipeline` (torch, DeepSpeed): seconds each
+pytestmark = pytest.mark.slow  # every case runs `python -m pipeline`, several of them train
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _pipeline(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _pipeline(*args: str, env: dict | None = None, timeout: float = 300,
+              interpreter: bool = False) -> subprocess.CompletedProcess:
+    """`python -m pipeline *args`: forked from the preloaded server, or with `interpreter` a fresh `python`."""
     environment = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), **(env or {})}
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         if variable not in (env or {}):
             environment.pop(variable, None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    if interpreter:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=environment,
+                              capture_output=True, text=True, timeout=timeout)
+    return run_command(list(args), env=environment, cwd=REPO, timeout=timeout)
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -62,7 +68,8 @@ def corrupt_runs(tmp_path_factory) -> Path:
 
 
 def test_unknown_config_key():
-    _assert_one_line_error(_pipeline("train", "--config", "configs/demo-clip.yaml", "train.stepz=10"),
+    # a fresh interpreter here, as a user starts it; the other cases fork from the preloaded server
+    _assert_one_line_error(_pipeline("train", "--config", "configs/demo-clip.yaml", "train.stepz=10", interpreter=True),
                            "unknown config key 'train.stepz'", "did you mean 'train.steps'")
 
 
