@@ -34,7 +34,8 @@ $(STAMP): pyproject.toml constraints.txt
 # pytest-xdist: TEST_WORKERS test processes, each test file whole on one of them (module fixtures share trained
 # runs). On 2 cores, 2 overlap one file's process start-ups and waits with another's work; TEST_WORKERS=0: one process
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+# --durations=15: every run ends with its 15 slowest tests (setups included), what to look at when the suite grows
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test: install ## run the test suite (CPU only; multi-rank tests use gloo; TEST_WORKERS=2 processes)
 	$(PYTEST) tests
