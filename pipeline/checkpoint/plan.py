@@ -92,7 +92,7 @@ def check_data_plan(trainer_state: dict[str, Any], run_config: dict[str, Any] | 
     if MISSING in (global_batch, accum, workers):
         return
     layout = Layout(world_size, workers, global_batch // (world_size * accum))
-    problem = fit_error(int(saved), layout, global_batch)
+    problem = fit_error(int(saved), layout, global_batch, resumed=True)
     if problem:
         raise ConfigError(f"cannot resume from '{source}' on {world_size} ranks x {max(workers, 1)} data.workers: "
                           f"{problem}")

@@ -209,9 +209,11 @@ def fitting_layouts(canonical: int, layout: Layout, global_batch: int, limit: in
     return found
 
 
-def fit_error(canonical: int, layout: Layout, global_batch: int, auto: bool = False) -> str | None:
+def fit_error(canonical: int, layout: Layout, global_batch: int, auto: bool = False,
+              resumed: bool = False) -> str | None:
     """One line naming what does not fit and the nearest layouts that do (None when `layout` fits). `auto`:
-    `canonical` is data.canonical_streams 0's choice, world_size x workers: the workers are what to change."""
+    `canonical` is data.canonical_streams 0's choice, world_size x workers: the workers are what to change.
+    `resumed`: `canonical` is a checkpoint's, which the resume keeps: only the layout can change."""
     problem = fit_problem(canonical, layout, global_batch)
     if problem is None:
         return None
@@ -223,8 +225,9 @@ def fit_error(canonical: int, layout: Layout, global_batch: int, auto: bool = Fa
                 f"divisor of {layout.batch_size} ({', '.join(map(str, divisors[:8]))}), or train.global_batch_size "
                 f"to a multiple of world_size x data.workers, or data.canonical_streams explicitly")
     nearest = fitting_layouts(canonical, layout, global_batch)
-    return problem + (f"; layouts that fit: {'; '.join(nearest)}" if nearest else "") + \
-        "; or set data.canonical_streams to one that fits (fixed for a run: the loss curve depends on it)"
+    return problem + (f"; layouts that fit: {'; '.join(nearest)}" if nearest else "") + (
+        "; the run keeps its canonical streams on a resume (they decide the batches): change the layout"
+        if resumed else "; or set data.canonical_streams to one that fits (fixed for a run: the loss curve depends on it)")
 
 
 class EpochPlan:
