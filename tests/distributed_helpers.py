@@ -38,13 +38,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_dir, environment, cwd, fn, args):
+def _enter(environment: dict, cwd: str) -> None:
+    """In a process forked from the server: the caller's environment and directory, and the platform's default
+    start method for the processes it starts (fork on Linux, as under `python -m pipeline`)."""
     import multiprocessing
 
     multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environment)
+
+
+def _worker(rank, world_size, port, out_dir, environment, cwd, fn, args):
+    _enter(environment, cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
@@ -115,14 +121,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
 def _command(args, environment, cwd, out_dir):
     """`python -m pipeline *args` in this forked process: its output into out_dir, its status as the exit code."""
     import logging
-    import multiprocessing
 
     from pipeline.__main__ import run
 
-    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(environment)
+    _enter(environment, cwd)
     for fd, name in ((1, "stdout"), (2, "stderr")):
         getattr(sys, name).flush()
         target = os.open(Path(out_dir) / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
