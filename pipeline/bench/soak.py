@@ -9,10 +9,13 @@ in a process group of its own (an interrupted or terminated soak ends the whole 
 `<run dir>/soak-train.log`. Every `--interval-s` seconds each process under the launcher is read: VmRSS and
 its anonymous / file / shared-memory parts from /proc/PID/status, the entries of /proc/PID/fd, the thread
 count, and the step of the newest training record in metrics.jsonl (logged every train.log_every steps).
-A process is labelled by the RANK its launcher gave it: `rank0`; a child holding the same RANK (a DataLoader
-worker, in the order they appear: the training loader's, then the evaluation loader's) `rank0/worker0`;
-processes without one `launcher0`, `launcher1`, ... The table shows the step and each process's RSS (MiB)
-and open files at evenly spaced samples. The summary covers the samples from `--warmup-fraction` of the
+Each sample reads the process tree from one snapshot of /proc. A process is labelled by the RANK its
+launcher gave it: `rank0`; a fork of it (same command line: a DataLoader worker, in the order they appear,
+the training loader's, then the evaluation loader's) `rank0/worker0`; another program it started (the
+compiler DeepSpeed runs to probe an op) by its name, `rank0/gcc.0`; processes without a RANK `launcher0`,
+`launcher1`, ... A process is known by its pid and start time; a launcher's child is labelled once it has
+exec'd (until then it holds the launcher's environment). The table shows the step and each process's RSS
+(MiB) and open files at evenly spaced samples (the processes alive in them). The summary covers the samples from `--warmup-fraction` of the
 steps (by when the shuffle buffers are full, the first evaluation and save have run and every worker has
 started) up to the last step (the final evaluation and save left out): per process the RSS and open files
 first, last and at most, and the growth from the first to the last quarter of those samples (medians, so
@@ -52,9 +55,10 @@ def add_arguments(parser) -> None:
 
 
 # -- /proc ------------------------------------------------------------------------------------------
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process visible in /proc."""
-    parents = {}
+def process_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, command name, start time in clock ticks) of every process visible in /proc: one
+    snapshot, so that a sample's tree and its parents agree even while processes start and end."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -63,14 +67,16 @@ def _parents() -> dict[int, int]:
         except OSError:  # ended while we looked
             continue
         # the command name (field 2) may hold spaces and parentheses: the fields after it follow the last ')'
-        parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        fields = rest.split()
+        table[int(entry)] = (int(fields[1]), name, int(fields[19]))
+    return table
 
 
-def descendants(root: int) -> list[int]:
-    """Every process below `root`, parents before their children."""
+def descendants(root: int, table: dict[int, tuple[int, str, int]]) -> list[int]:
+    """Every process below `root` in `table`, parents before their children."""
     children: dict[int, list[int]] = {}
-    for pid, parent in _parents().items():
+    for pid, (parent, _, _) in table.items():
         children.setdefault(parent, []).append(pid)
     found, queue = [], [root]
     while queue:
@@ -109,12 +115,21 @@ def read_process(pid: int) -> dict[str, int] | None:
     return sample if "rss" in sample else None
 
 
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 class ProcessLabels:
-    """Stable names for the processes of a job: launcherN, rankR, rankR/workerK (see the module docstring)."""
+    """Stable names for the processes of a job: launcherN, rankR, rankR/workerK, rankR/NAME.K (see the module
+    docstring). A process is known by its pid and start time, so a reused pid is a new process."""
 
     def __init__(self):
-        self.labels: dict[int, str] = {}
-        self.ranks: dict[int, int | None] = {}
+        self.labels: dict[tuple[int, int], str] = {}
+        self.ranks: dict[int, int | None] = {}  # pid -> RANK, of the processes labelled so far
+        self.cmdlines: dict[int, bytes | None] = {}  # pid -> command line, of the processes labelled so far
         self._counts: dict[str, int] = {}
 
     def _next(self, prefix: str) -> str:
@@ -122,17 +137,27 @@ class ProcessLabels:
         self._counts[prefix] = count + 1
         return f"{prefix}{count}"
 
-    def label(self, pid: int, parent: int | None) -> str:
-        if pid not in self.labels:
-            rank = launcher_rank_of(pid)
-            self.ranks[pid] = rank
-            if rank is None:
-                self.labels[pid] = self._next("launcher")
-            elif parent in self.ranks and self.ranks[parent] == rank:
-                self.labels[pid] = self._next(f"rank{rank}/worker")
-            else:
-                self.labels[pid] = f"rank{rank}"
-        return self.labels[pid]
+    def label(self, pid: int, table: dict[int, tuple[int, str, int]]) -> str | None:
+        """The label of `pid`, a process of `table` whose parent (if under the job) was labelled before it;
+        None for a launcher's child between fork and exec (it holds the launcher's environment for now)."""
+        parent, name, started = table[pid]
+        if (pid, started) in self.labels:
+            return self.labels[(pid, started)]
+        rank, cmdline = launcher_rank_of(pid), _cmdline(pid)
+        forked = parent in self.cmdlines and cmdline == self.cmdlines[parent]  # same program, not exec'd
+        if rank is None:
+            if forked:
+                return None  # a launcher's child that has not exec'd yet: labelled once it has
+            label = self._next("launcher")
+        elif self.ranks.get(parent) != rank:
+            label = f"rank{rank}"
+        elif forked:  # a DataLoader worker
+            label = self._next(f"rank{rank}/worker")
+        else:  # another program the rank started, e.g. the compiler DeepSpeed runs to probe an op
+            label = self._next(f"rank{rank}/{name}.")
+        self.ranks[pid], self.cmdlines[pid] = rank, cmdline
+        self.labels[(pid, started)] = label
+        return label
 
 
 class StepReader:
@@ -175,12 +200,12 @@ def soak(command: list[str], metrics_path: Path, log_path: Path, interval_s: flo
         try:
             while True:
                 ended = job.poll() is not None
-                parents = _parents()
+                table = process_table()
                 processes = {}
-                for pid in descendants(job.pid):
-                    label = labels.label(pid, parents.get(pid))
+                for pid in descendants(job.pid, table):
                     reading = read_process(pid)
-                    if reading is not None:
+                    label = labels.label(pid, table) if reading is not None else None
+                    if label is not None:
                         processes[label] = {"pid": pid, **reading}
                 if processes:
                     samples.append({"time_s": round(time.monotonic() - started, 1), "step": steps.read(),
@@ -231,8 +256,8 @@ def format_table(samples: list[dict], rows: int) -> str:
     """Step, then RSS MiB / open files of each process, at `rows` evenly spaced samples (the last included)."""
     if not samples:
         return "(no samples)"
-    labels = list(dict.fromkeys(label for s in samples for label in s["processes"]))
     picked = sorted({round(i * (len(samples) - 1) / max(1, rows - 1)) for i in range(min(rows, len(samples)))})
+    labels = list(dict.fromkeys(label for index in picked for label in samples[index]["processes"]))
     width = max(14, *(len(label) for label in labels))
     lines = [f"{'time s':>7} {'step':>6}  " + " ".join(f"{label:>{width}}" for label in labels),
              f"{'':>7} {'':>6}  " + " ".join(f"{'RSS MiB / fds':>{width}}" for _ in labels)]

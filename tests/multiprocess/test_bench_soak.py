@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench.soak import format_summary, summarise
+from pipeline.bench.soak import ProcessLabels, descendants, format_summary, process_table, summarise
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,10 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_soak_samples_rss_and_open_files_of_every_process(shards, tmp_path):
     out = tmp_path / "soak.json"
-    command = [sys.executable, "-m", "pipeline", "bench", "soak", "--interval-s", "0.5", "--json", str(out),
+    # the workers live while the ranks train (a second or two on 2 cores for 24 steps): sampled every 0.2 s
+    command = [sys.executable, "-m", "pipeline", "bench", "soak", "--interval-s", "0.2", "--json", str(out),
                "--config", "configs/demo-clip.yaml", f"data.train_urls={shards}", "data.val_urls=",
-               "data.shuffle_buffer=16", "train.steps=12", "train.global_batch_size=8", "train.log_every=2",
-               f"train.output_dir={tmp_path}", "train.name=soak", "checkpoint.every_steps=6",
+               "data.shuffle_buffer=16", "train.steps=24", "train.global_batch_size=8", "train.log_every=2",
+               f"train.output_dir={tmp_path}", "train.name=soak", "checkpoint.every_steps=12",
                "train.collective_timeout_s=60"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -43,10 +44,49 @@ def test_soak_samples_rss_and_open_files_of_every_process(shards, tmp_path):
     for label in ("rank0", "rank1", "rank0/worker0", "rank1/worker0"):
         readings = [s["processes"][label] for s in report["samples"] if label in s["processes"]]
         assert readings and all(r["rss"] > 0 and r["fds"] > 0 and r["threads"] > 0 for r in readings)
-    assert max(s["step"] for s in report["samples"]) == 12  # the step comes from metrics.jsonl as it grows
+    assert max(s["step"] for s in report["samples"]) == 24  # the step comes from metrics.jsonl as it grows
     assert set(report["summary"]) >= {"rank0", "rank1"}
     # the printed table and summary name every process
     assert all(label in output for label in ("rank0/worker0", "rank1/worker0", "RSS MiB / fds", "verdict"))
+
+
+# a launcher (no RANK) starts a rank (RANK=1, another command line), which forks a worker and runs `sleep`
+RANK_SCRIPT = """
+import os, subprocess, sys, time
+if os.fork() == 0:
+    time.sleep(60)
+    os._exit(0)
+subprocess.Popen(["sleep", "60"])
+print("up", flush=True)
+time.sleep(60)
+"""
+LAUNCHER_SCRIPT = f"""
+import os, subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", {RANK_SCRIPT!r}], env={{**os.environ, "RANK": "1"}},
+                        stdout=subprocess.PIPE, text=True)
+print(rank.stdout.readline(), end="", flush=True)
+rank.wait()
+"""
+
+
+def test_processes_are_labelled_by_rank_fork_and_program():
+    job = subprocess.Popen([sys.executable, "-c", LAUNCHER_SCRIPT], stdout=subprocess.PIPE, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "RANK"}, start_new_session=True)
+    try:
+        assert job.stdout.readline() == "up\n"
+        labels, table = ProcessLabels(), process_table()
+        found = {labels.label(pid, table): pid for pid in descendants(job.pid, table)}
+        assert set(found) == {"rank1", "rank1/worker0", "rank1/sleep.0"}, found
+        assert table[found["rank1/worker0"]][0] == table[found["rank1/sleep.0"]][0] == found["rank1"]
+        # the next sample keeps the labels; a pid reused by another process (another start time) is a new process
+        table = process_table()
+        assert {labels.label(pid, table) for pid in descendants(job.pid, table)} == set(found)
+        pid = found["rank1/sleep.0"]
+        table[pid] = (table[pid][0], table[pid][1], table[pid][2] + 1)
+        assert labels.label(pid, table) == "rank1/sleep.1"
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
 
 
 def _sample(step: int, rss_mib: float, fds: int) -> dict:
