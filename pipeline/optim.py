@@ -1,5 +1,5 @@
 """Optimizer and learning-rate schedule: parameter groups (no decay on biases, norms, temperature), AdamW or
-LAMB, linear warmup then cosine. Plain PyTorch (layer 1): DeepSpeed receives the optimizer built here.
+LAMB, linear warmup then cosine. Plain PyTorch (layer 2): DeepSpeed receives the optimizer built here.
 
     optimizer = build_optimizer(model, OptimConfig(lr=5e-4))
     scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))

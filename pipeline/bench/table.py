@@ -1,10 +1,17 @@
-"""Benchmarks: `python -m pipeline bench shards|data|gpu|loss-memory|soak|plan|precision`. Each prints its figures and
-the ratio against a peer run side by side (never a timed assertion); `soak` prints the memory and open files of
-every process of a long training run, `plan` the cost of the epoch plan at LAION scale, `precision` the demo's
-zero-shot top-1 in each precision mode beside fp32's. Each benchmark lives in its own module (`shards.py`,
-`data.py`, `gpu.py`, `loss.py`, `soak.py`, `plan.py`, `precision.py`) exposing
-`add_arguments(parser)` and `run(args)`; what they share, the results file and the table cells, is here.
+"""Benchmarks: `python -m pipeline bench BENCHMARK [options]` (`bench BENCHMARK --help` for each).
+
+    python -m pipeline bench data                     # the loader vs open_clip's webdataset pipeline
+    python -m pipeline bench gpu --batch-size 256     # a training step vs open_clip's trainer (needs a GPU)
+    python -m pipeline bench soak --config configs/demo-clip.yaml train.steps=3000
+
+Each prints its figures and the ratio against a peer run side by side (never a timed assertion);
+`soak` prints the memory and open files of every process of a long training run, `plan` the cost of
+the epoch plan at LAION scale, `precision` the demo's zero-shot top-1 in each precision mode beside
+fp32's.
 """
+# The docstring is `bench --help`. Each benchmark lives in its own module (shards.py, data.py, gpu.py, loss.py,
+# soak.py, plan.py, precision.py) exposing `add_arguments(parser)` and `run(args)`; what they share, the results
+# file and the table cells, is here.
 
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ BENCHMARKS = {
 
 
 def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory, soak, plan, precision)", description=__doc__)
+    parser = subparsers.add_parser("bench", help="run a benchmark (shards, data, gpu, loss-memory, soak, plan, precision)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     benches = parser.add_subparsers(dest="bench", metavar="BENCHMARK", parser_class=_BenchmarkParser)
     for name, (module_name, summary) in BENCHMARKS.items():
         if importlib.util.find_spec(module_name) is None:  # a benchmark module this checkout lacks

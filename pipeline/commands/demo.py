@@ -5,7 +5,7 @@
 
 Training runs through the deepspeed launcher (GPUs if present, else DeepSpeed's CPU accelerator with
 gloo), as a user would start it; this process only prepares, launches and reports: the trainer's own
-closing summary (figures beside chance, where the run is) ends the output. Layer 4. torch and the
+closing summary (figures beside chance, where the run is) ends the output. torch and the
 trainer are imported when the command runs, not when the CLI registers it (`--help` stays quick).
 """
 

@@ -3,7 +3,7 @@
     python -m pipeline export runs/demo-clip runs/demo-clip/open_clip.pt
     python -m pipeline eval runs/demo-clip --data shards/shapes/val
 
-Layer 4 (programs): a run directory is read through its config.yaml (pipeline.train.config.RunConfig) and its
+A run directory is read through its config.yaml (pipeline.train.config.RunConfig) and its
 checkpoints (pipeline.checkpoint.manager), consolidated from any ZeRO stage, local or remote.
 """
 
@@ -164,8 +164,8 @@ def _eval_command(args: argparse.Namespace) -> int:
 def _register_eval(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval", help="retrieval R@1/5/10 and zero-shot accuracy of a trained run on held-out shards",
-        description="Evaluate a run (its latest checkpoint, consolidated from any ZeRO stage) or exported weights "
-        "on held-out shards: media<->text retrieval R@1/5/10 both ways and, when the data set has a "
+        description="Evaluate a run (its latest checkpoint, consolidated from any ZeRO stage) or exported weights\n"
+        "on held-out shards: media<->text retrieval R@1/5/10 both ways and, when the data set has a\n"
         "classes.json, zero-shot top-1/top-5, each printed with its chance level.",
         epilog="examples:\n  python -m pipeline eval runs/demo-clip --data shards/shapes/val\n"
         "  python -m pipeline eval runs/demo-clip data.workers=0 --data s3://bucket/shapes/val --json eval.json\n"

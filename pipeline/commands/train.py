@@ -15,10 +15,9 @@ the last held-out figures beside chance, where the run is, and what the data lac
 data index (shard sizes), builds the model on the meta device (no memory, no weights read) and prints
 the plan: world size, micro-batch, accumulation, steps per epoch, samples per source, and the
 memory per rank that weights, gradients and optimizer states take (activations come on top).
-
-The loop is pipeline.train.loop; this module only declares the command, so that `--help` imports neither
-torch nor DeepSpeed (they load when the command runs). Layer 4 (programs).
 """
+# The docstring is the command's --help. The loop is pipeline.train.loop; this module only declares the
+# command, so that `--help` imports neither torch nor DeepSpeed (they load when the command runs).
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ registered with open_clip by `register_open_clip_configs`); audio-text models ar
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -135,6 +136,10 @@ class ModelConfig:
         model_cfg = _image_model_config(self.name)
         if model_cfg is None:
             hint = " (an audio model: set model.modality=audio)" if self.name in _audio_model_configs() else ""
+            if not hint:  # a typo or another case: the nearest known name, e.g. 'vit-b-33' -> 'ViT-B-32'
+                names = {name.lower(): name for name in open_clip.list_models()}
+                close = difflib.get_close_matches(self.name.lower(), names, n=1)
+                hint = f" (did you mean '{names[close[0]]}'?)" if close else ""
             raise ConfigError(
                 f"model.name {self.name!r} is not an open_clip image-text model{hint}; "
                 f"see open_clip.list_models() or {MODEL_CONFIG_DIR}"

@@ -11,12 +11,11 @@
 A data set is `{prefix}-{index:06d}.tar` shards, `sizes.json` (shard name -> samples, as open_clip
 reads it), `{prefix}-{index:06d}_stats.json` per shard (img2dataset-like) and `classes.json` for the
 embedded labelled sets.
-
-This module is the command line: the parsers, and each subcommand's run, which raises ConfigError (or
-UnreadableShard) for pipeline.cli to report. The work is elsewhere: pipeline.shards.build (the builder),
-pipeline.shards.verify, pipeline.shards.ls, and, for `index`, the loader's own reader of shard sizes
-(pipeline.data.shardindex).
 """
+# The docstring is `shards --help`. This module is the command line: the parsers, and each subcommand's run,
+# which raises ConfigError (or UnreadableShard) for pipeline.cli to report. The work is elsewhere:
+# pipeline.shards.build (the builder), pipeline.shards.verify, pipeline.shards.ls, and, for `index`, the
+# loader's own reader of shard sizes (pipeline.data.shardindex).
 
 from __future__ import annotations
 

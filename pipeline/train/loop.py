@@ -9,7 +9,7 @@
 what the run starts from (before anything is written), build the engine and the loaders, restore the
 checkpoint when resuming, then per step: take `accum_steps` micro-batches, step (pipeline.train.step: the
 contrastive loss over all of them, GradCache), log every `log_every` steps, evaluate, checkpoint, and
-stop cleanly on SIGTERM / SIGUSR1. Layer 4 (programs): everything it calls lives below.
+stop cleanly on SIGTERM / SIGUSR1. Everything it calls lives in the packages below `train`.
 """
 
 from __future__ import annotations

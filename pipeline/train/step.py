@@ -5,8 +5,8 @@ a step has several micro-batches), clipping, the update; and the window of steps
     window.add(step, loss, metrics, samples)            # device tensors, no host read
     loss, metrics, samples_per_s = window.settle()      # every log_every steps: one host read
 
-Layer 2 (distributed): the model, loss and data below know nothing of engines; the train loop above
-calls these once per step.
+The model, loss and data below (docs/ARCHITECTURE.md's layers) know nothing of engines; the loop
+(pipeline.train.loop) calls these once per step.
 """
 
 from __future__ import annotations

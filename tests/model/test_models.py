@@ -392,3 +392,11 @@ def test_building_a_tower_does_not_claim_a_random_init_it_does_not_keep(caplog):
         logging.warning("No pretrained weights loaded for model 'x' (outside the build)")
     messages = [record.getMessage() for record in caplog.records]
     assert messages == ["No pretrained weights loaded for model 'x' (outside the build)"]
+
+
+@pytest.mark.parametrize(("name", "hint"), [("vit-b-33", "did you mean 'ViT-B-32'?"), ("tiny-clap", "model.modality=audio"),
+                                            ("resnet-9000-xyz", "see open_clip.list_models()")])
+def test_an_unknown_model_name_is_refused_with_the_nearest_known_one(name, hint):
+    with pytest.raises(ConfigError, match=r"model.name '[\w-]+' is not an open_clip image-text model") as error:
+        ModelConfig(name=name)
+    assert hint in str(error.value)
