@@ -14,7 +14,9 @@ the last held-out figures beside chance, where the run is, and what the data lac
 --dry-run checks the config without training and writes nothing: it validates the config, reads the
 data index (shard sizes), builds the model on the meta device (no memory, no weights read) and prints
 the plan: world size, micro-batch, accumulation, steps per epoch, samples per source, and the
-memory per rank that weights, gradients and optimizer states take (activations come on top).
+memory per rank that weights, gradients and optimizer states take (activations come on top). Shards
+this machine cannot read (a path on the cluster, no credentials) leave out the epoch plan: the rest is
+printed, then the data's error, and the exit status is 2.
 """
 # The docstring is the command's --help. The loop is pipeline.train.loop; this module only declares the
 # command, so that `--help` imports neither torch nor DeepSpeed (they load when the command runs).
@@ -29,7 +31,10 @@ def _train_command(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     if args.dry_run:
-        print(plan(cfg, args.world_size))
+        report, data_error = plan(cfg, args.world_size)
+        print(report, flush=True)
+        if data_error is not None:  # the rest of the plan is printed; the data's error ends the dry run
+            raise data_error
         return 0
     train(cfg)
     return 0
@@ -43,21 +48,21 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:,.2f} M" if count >= 10_000 else f"{count:,}"
 
 
-def plan(cfg, world_size: int | None = None) -> str:
-    """The dry run's report (see the module docstring); ConfigError as `train` would raise it. Writes nothing."""
+def plan(cfg, world_size: int | None = None) -> tuple[str, Exception | None]:
+    """The dry run's report (see the module docstring) and the error reading the data raised, if any: the
+    model, memory and run-directory lines do not need the data, so a config whose shards this machine cannot
+    read (no credentials, a path on the cluster) is still planned. Any other ConfigError is raised as `train`
+    would raise it. Writes nothing."""
     import dataclasses
 
-    import torch
-
-    from pipeline.checkpoint.manager import CheckpointManager
+    from pipeline.core.errors import ConfigError
     from pipeline.data.loader import build_loader
-    from pipeline.model.build import build_model, get_tokenizer, image_size, media_transform
+    from pipeline.model.build import get_tokenizer, image_size, media_transform
     from pipeline.parallel import distributed
-    from pipeline.parallel.checkpointing import apply_activation_checkpointing
-    from pipeline.train.loop import run_dir_of, validate
+    from pipeline.train.loop import check_data, validate
 
     world_size = world_size or int(distributed.launcher_environment().get("WORLD_SIZE", "1"))
-    micro = validate(cfg, world_size, probe_checkpoints=False)
+    micro = validate(cfg, world_size, probe_checkpoints=False, read_data=False)
     accum, global_batch = cfg.train.accum_steps, cfg.train.global_batch_size
     lines = [
         f"dry run of '{cfg.train.name}': nothing trained, nothing written",
@@ -65,10 +70,26 @@ def plan(cfg, world_size: int | None = None) -> str:
         f" x {world_size} rank{'s' if world_size > 1 else ''} = global batch {global_batch} (the contrastive batch)",
     ]
     # rank 0's loader of the planned layout: its epoch plan is every rank's (each reads as many batches)
-    loader = build_loader(dataclasses.replace(cfg.data, batch_size=micro), cfg.data.train_urls, rank=0,
-                          world_size=world_size, seed=cfg.train.seed, tokenizer=get_tokenizer(cfg.model),
-                          media_transform=media_transform(cfg.model, True), train=True,
-                          image_size=image_size(cfg.model), device="cpu", global_batch=global_batch)
+    try:
+        check_data(cfg)
+        loader = build_loader(dataclasses.replace(cfg.data, batch_size=micro), cfg.data.train_urls, rank=0,
+                              world_size=world_size, seed=cfg.train.seed, tokenizer=get_tokenizer(cfg.model),
+                              media_transform=media_transform(cfg.model, True), train=True,
+                              image_size=image_size(cfg.model), device="cpu", global_batch=global_batch)
+    except ConfigError as error:
+        data_error = error
+        lines.append("data: not read, so no epoch plan (the error is the last line)")
+    else:
+        data_error = None
+        lines.extend(_data_lines(cfg, loader, world_size))
+    _model_lines(cfg, world_size, lines)
+    return "\n".join(lines), data_error
+
+
+def _data_lines(cfg, loader, world_size: int) -> list[str]:
+    """Sources, canonical streams, the epoch and the run, from rank 0's loader of the planned layout."""
+    accum, global_batch = cfg.train.accum_steps, cfg.train.global_batch_size
+    lines = []
     dataset = loader.dataset
     steps_per_epoch = len(loader) // accum
     for index, source in enumerate(dataset.sources):
@@ -86,6 +107,19 @@ def plan(cfg, world_size: int | None = None) -> str:
                  + (f"eval every {cfg.eval.every_steps} steps and at the end" if cfg.eval.every_steps else
                     "eval at the end") + (" (no data.val_urls: no eval)" if not cfg.data.val_urls else "")
                  + f", checkpoint every {cfg.checkpoint.every_steps or 'no'} steps and at the end")
+    return lines
+
+
+def _model_lines(cfg, world_size: int, lines: list[str]) -> None:
+    """Parameters and memory per rank of the model (built on the meta device), and the run directory."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.checkpoint.manager import CheckpointManager
+    from pipeline.model.build import build_model
+    from pipeline.parallel.checkpointing import apply_activation_checkpointing
+    from pipeline.train.loop import run_dir_of
 
     # the model on the meta device: shapes and counts without memory or weights (model.pretrained is not read)
     with torch.device("meta"):
@@ -113,7 +147,6 @@ def plan(cfg, world_size: int | None = None) -> str:
     elif latest and cfg.train.resume == "auto":
         where += f": resumes from checkpoint {latest}"
     lines.append(where)
-    return "\n".join(lines)
 
 
 def register_cli(subparsers) -> None:

@@ -63,9 +63,10 @@ from pipeline.train.state import TrainState
 from pipeline.train.step import LogWindow, train_step
 
 
-def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
+def validate(cfg, world_size: int, probe_checkpoints: bool = True, read_data: bool = True) -> int:
     """Everything that can be checked before any work; returns the per-rank micro-batch. `probe_checkpoints`:
-    create the checkpoint directory and write a probe file there (off for a dry run, which writes nothing)."""
+    create the checkpoint directory and write a probe file there (off for a dry run, which writes nothing).
+    `read_data`: read the shard sizes of every source (`check_data`; the dry run calls it apart)."""
     micro = cfg.train.micro_batch_size(world_size)
     # the trainer derives the loader's batch from train.global_batch_size: a different one set by hand
     # would be silently ignored, so it is refused
@@ -80,18 +81,28 @@ def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
                         auto=not cfg.data.canonical_streams)
     if problem:  # 0 is world_size x workers for a fresh start; a resume keeps the saved C (checkpoint.plan checks it)
         raise ConfigError(problem)
+    if not cfg.data.train_urls and not cfg.data.mixture:
+        raise ConfigError("data.train_urls is empty: set it to the training shards (or data.mixture)")
     # the shard sizes are read on rank 0 alone and kept for its loader, which shares them with every rank
     # (one reading per data set, not one per rank); the launcher ends the other ranks if rank 0 fails here
-    reads_data = int(distributed.launcher_environment()["RANK"]) == 0
+    if read_data and int(distributed.launcher_environment()["RANK"]) == 0:
+        check_data(cfg)
+    if cfg.train.resume not in ("none", "auto") and not cfg.train.resume.strip():
+        raise ConfigError("train.resume must be 'none', 'auto' or a checkpoint path")
+    check_precision(cfg.train.precision)
+    if probe_checkpoints:
+        check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"), cfg.checkpoint.storage_options)
+    return micro
+
+
+def check_data(cfg) -> None:
+    """Read the shard sizes of the training sources (or the mixture's) and of data.val_urls: a ConfigError
+    naming the setting (for a mixture, its file and entry) when one cannot be read or holds no shards."""
     for key in ("train_urls", "val_urls"):
         urls = getattr(cfg.data, key)
         if key == "train_urls" and cfg.data.mixture:  # the manifest's sources, as the loader joins them
             key, urls = "mixture", "::".join(s.urls for s in read_manifest(cfg.data.mixture, cfg.data.storage_options))
         if not urls:
-            if key == "train_urls":
-                raise ConfigError("data.train_urls is empty: set it to the training shards (or data.mixture)")
-            continue
-        if not reads_data:
             continue
         try:
             sizes = prefetch_shard_index(urls, cfg.data.storage_options).sizes
@@ -99,12 +110,6 @@ def validate(cfg, world_size: int, probe_checkpoints: bool = True) -> int:
             raise source_error(cfg.data, key, urls, error) from None
         if not sizes:
             raise ConfigError(f"data.{key} '{urls}' holds no shards")
-    if cfg.train.resume not in ("none", "auto") and not cfg.train.resume.strip():
-        raise ConfigError("train.resume must be 'none', 'auto' or a checkpoint path")
-    check_precision(cfg.train.precision)
-    if probe_checkpoints:
-        check_reachable(cfg.checkpoint.dir or str(run_dir_of(cfg) / "checkpoints"), cfg.checkpoint.storage_options)
-    return micro
 
 
 def run_dir_of(cfg) -> Path:

@@ -164,3 +164,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(shapes, tmp_path, capsys):
     assert f"= {8 * parameters / 2**20:,.1f} MiB" in capsys.readouterr().out
     assert main([*argv[:5], "3", *argv[6:]]) == 2
     assert "train.global_batch_size (16) is not divisible by world size (3)" in capsys.readouterr().err
+
+
+def test_a_dry_run_whose_data_cannot_be_read_still_plans_the_model(tmp_path, capsys):
+    # a config whose shards this machine cannot reach (a cluster path, no credentials): the model and memory
+    # are planned, then the data's error ends the dry run with status 2
+    from pipeline.cli import main
+
+    missing = tmp_path / "on-the-cluster"
+    argv = ["train", "--config", str(Path(__file__).resolve().parents[2] / "configs/demo-clip.yaml"), "--dry-run",
+            "--world-size", "4", f"data.train_urls={missing}", f"train.output_dir={tmp_path / 'runs'}"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "data: not read, so no epoch plan (the error is the last line)" in captured.out
+    assert any(line.startswith("memory per rank (ZeRO-0, adamw): ") for line in captured.out.splitlines())
+    assert not any(line.startswith(("epoch:", "source 0")) for line in captured.out.splitlines())
+    assert captured.err.strip().splitlines()[-1] == f"error: data.train_urls '{missing}' cannot be read: no .tar shards found at '{missing}'"
+    assert not (tmp_path / "runs").exists()
