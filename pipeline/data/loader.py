@@ -26,6 +26,7 @@ import logging
 import weakref
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,7 +66,10 @@ def source_error(cfg: DataConfig, setting: str, urls: str, error: Exception) -> 
         return ConfigError(f"{entry.where} cannot be read: {error.reason}")
     if setting == "mixture":
         return ConfigError(f"data.mixture '{cfg.mixture}': its sources cannot be read: {error}")
-    return ConfigError(f"data.{setting} '{urls}' cannot be read: {error}")
+    hint = ""
+    if urls.startswith("shards/") and not Path(urls.split("::")[0]).exists():  # the configs' embedded sets
+        hint = " (`make shards` writes the embedded data sets, shapes and tones, into shards/)"
+    return ConfigError(f"data.{setting} '{urls}' cannot be read: {error}{hint}")
 
 
 def _worker_init(_worker_id: int) -> None:

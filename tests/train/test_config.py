@@ -181,3 +181,13 @@ def test_a_dry_run_whose_data_cannot_be_read_still_plans_the_model(tmp_path, cap
     assert not any(line.startswith(("epoch:", "source 0")) for line in captured.out.splitlines())
     assert captured.err.strip().splitlines()[-1] == f"error: data.train_urls '{missing}' cannot be read: no .tar shards found at '{missing}'"
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_embedded_set_not_built_yet_names_make_shards(tmp_path, monkeypatch):
+    from pipeline.train.loop import check_data
+
+    monkeypatch.chdir(tmp_path)  # a fresh clone: configs/demo-clap.yaml reads shards/tones/train, not built yet
+    cfg = load_config(RunConfig, next(path for path in CONFIGS if path.name == "demo-clap.yaml"))
+    with pytest.raises(ConfigError, match=r"^data.train_urls 'shards/tones/train' cannot be read: no .tar shards "
+                                          r"found at 'shards/tones/train' \(`make shards` writes the embedded data sets"):
+        check_data(cfg)
