@@ -47,7 +47,7 @@ lint: install ## ruff, and the import-linter layer contracts of pyproject.toml
 	$(VENV)/bin/ruff check pipeline tests
 	$(VENV)/bin/lint-imports
 
-shards: install ## build the embedded shapes and tones sets (train + val) into $(SHARDS_DIR)/
+shards: install ## build the embedded shapes and tones sets (train + val) into shards/ (SHARDS_DIR=DIR for another place)
 	$(PY) -m pipeline shards build --source shapes --split train --output $(SHARDS_DIR)/shapes/train
 	$(PY) -m pipeline shards build --source shapes --split val --output $(SHARDS_DIR)/shapes/val
 	$(PY) -m pipeline shards build --source tones --split train --output $(SHARDS_DIR)/tones/train
