@@ -78,7 +78,7 @@ def plan(cfg, world_size: int | None = None) -> tuple[str, Exception | None]:
                               image_size=image_size(cfg.model), device="cpu", global_batch=global_batch)
     except ConfigError as error:
         data_error = error
-        lines.append("data: not read, so no epoch plan (the error is the last line)")
+        lines.append("data: no epoch plan (the error is the last line)")
     else:
         data_error = None
         lines.extend(_data_lines(cfg, loader, world_size))

@@ -116,7 +116,7 @@ class StreamingDataset(IterableDataset):
         if self.steps == 0:
             samples = (self.cfg.epoch_samples or self.total) if self.cfg.resampled else self.epoch_total
             what = f"the mixture of data.mixture '{self.cfg.mixture}'" if self.mixture_counts else "the data set"
-            raise ValueError(
+            raise ConfigError(
                 f"{what} has {samples} samples, fewer than one global batch of {self.global_batch} "
                 f"(data.canonical_streams {canonical} x {self.global_batch // canonical} samples); lower "
                 "train.global_batch_size")

@@ -6,7 +6,7 @@
     python -m pipeline train --config configs/demo-clip.yaml train.resume=auto      # continue where it stopped
 
 `train()` reads top to bottom: validate the config (before any work), join the process group, check
-what the run starts from (before anything is written), build the engine and the loaders, restore the
+what the run starts from and build the loaders (both before anything is written), build the engine, restore the
 checkpoint when resuming, then per step: take `accum_steps` micro-batches, step (pipeline.train.step: the
 contrastive loss over all of them, GradCache), log every `log_every` steps, evaluate, checkpoint, and
 stop cleanly on SIGTERM / SIGUSR1. Everything it calls lives in the packages below `train`.
@@ -196,13 +196,14 @@ def train(cfg) -> dict[str, Any]:
     # start over another run's checkpoints, a missing or unreadable checkpoint, a changed setting
     checkpoints = CheckpointManager(cfg.checkpoint, run_dir, dist.rank, dist.world_size)
     source = checkpoints.plan_start(cfg.train.resume, overwrite=cfg.train.overwrite, run_config=to_dict(cfg))
+    # the loaders plan the epoch (a data set smaller than one global batch is refused) before anything is written
+    loader, eval_loader, classes, tokenizer = build_loaders(cfg, dist, micro)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
 
     # a checkpoint of another world size (ZeRO 1-3) loads through DeepSpeed's universal checkpoint
     engine, scheduler, precision, compiled = build_engine_for(cfg, dist, micro, checkpoints.loads_universal)
-    loader, eval_loader, classes, tokenizer = build_loaders(cfg, dist, micro)
     loss_fn = build_loss(cfg.loss, dist.rank, dist.world_size)
     state = TrainState(loader, dist.world_size, run_config=to_dict(cfg))
     if source is not None:
@@ -360,7 +361,7 @@ def summary(cfg, records: list[dict], *, steps_run: int, seconds: float, world_s
         lines.append(f"loss: {last['loss']:.4f} at step {last['step']} (first logged: {first['loss']:.4f} at step "
                      f"{first['step']})")
     if evals:
-        lines.append(f"held-out figures at step {evals[-1]['step']} (chance beside each):")
+        lines.append(f"held-out figures at step {evals[-1]['step']} on {cfg.data.val_urls} (chance beside each):")
         lines.append(format_table(evals[-1]))
     elif not cfg.data.val_urls:
         lines.append("no held-out figures: data.val_urls is not set")

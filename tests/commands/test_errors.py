@@ -156,6 +156,14 @@ def test_train_resume_from_a_missing_checkpoint(shards, tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_data_set_smaller_than_one_global_batch_is_one_line_and_writes_nothing(shards, tmp_path):
+    # a user's first own data set: 64 samples against the demo's global batch of 128
+    result = _pipeline(*_train_args(shards, tmp_path, "train.global_batch_size=128"))
+    _assert_one_line_error(result, "the data set has 64 samples, fewer than one global batch of 128",
+                           "lower train.global_batch_size")
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_fresh_start_over_a_run_with_checkpoints_changes_nothing(trained, shards, tmp_path):
     out, before = _copy_of(trained, tmp_path)

@@ -176,7 +176,7 @@ def test_a_dry_run_whose_data_cannot_be_read_still_plans_the_model(tmp_path, cap
             "--world-size", "4", f"data.train_urls={missing}", f"train.output_dir={tmp_path / 'runs'}"]
     assert main(argv) == 2
     captured = capsys.readouterr()
-    assert "data: not read, so no epoch plan (the error is the last line)" in captured.out
+    assert "data: no epoch plan (the error is the last line)" in captured.out
     assert any(line.startswith("memory per rank (ZeRO-0, adamw): ") for line in captured.out.splitlines())
     assert not any(line.startswith(("epoch:", "source 0")) for line in captured.out.splitlines())
     assert captured.err.strip().splitlines()[-1] == f"error: data.train_urls '{missing}' cannot be read: no .tar shards found at '{missing}'"

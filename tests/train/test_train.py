@@ -316,7 +316,8 @@ def test_summary_says_what_was_done_the_result_where_it_is_and_what_the_data_lac
             "checkpoints included)") in lines
     assert "samples seen: 38,400 (3.84 epochs); training speed 300 samples/s (median of the log steps)" in lines
     assert "loss: 1.9112 at step 300 (first logged: 4.2560 at step 10)" in lines
-    assert "held-out figures at step 300 (chance beside each):" in lines  # the last eval, not the one at 150
+    # the last eval, not the one at 150, and the held-out set it was on
+    assert "held-out figures at step 300 on shards/shapes/val (chance beside each):" in lines
     assert any(line.split() == ["media->text", "R@1", "8.72%", "0.10%"] for line in lines)
     assert any(line.split() == ["zero-shot", "top-1", "100.00%", "8.33%"] for line in lines)
     assert "checkpoints:   runs/demo/checkpoints (latest: global_step300)" in lines
