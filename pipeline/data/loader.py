@@ -68,7 +68,8 @@ def source_error(cfg: DataConfig, setting: str, urls: str, error: Exception) -> 
         return ConfigError(f"data.mixture '{cfg.mixture}': its sources cannot be read: {error}")
     hint = ""
     if urls.startswith("shards/") and not Path(urls.split("::")[0]).exists():  # the configs' embedded sets
-        hint = " (`make shards` writes the embedded data sets, shapes and tones, into shards/)"
+        hint = (f" (a path relative to the current directory, {Path.cwd()}: `make shards` writes the embedded data "
+                "sets, shapes and tones, into the repository's shards/)")
     return ConfigError(f"data.{setting} '{urls}' cannot be read: {error}{hint}")
 
 

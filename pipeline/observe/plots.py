@@ -119,10 +119,32 @@ def plot_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title:
             gc.enable()
 
 
-def _draw_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None) -> Path:
-    metrics_path, out_png = Path(metrics_path), Path(out_png)
-    records = read_metrics(metrics_path)
-    run_name = title or (metrics_path if metrics_path.is_dir() else metrics_path.parent).resolve().name
+def _loss_panel(axes, train: list[dict]) -> None:
+    """The training loss, raw (thinned) and smoothed."""
+    steps, losses = _series(train, "loss")
+    if steps:
+        thin_steps, thin_losses = _thin(steps, losses)
+        few = len(thin_steps) < 20  # a short run: each logged loss as a point too (one point draws no line)
+        axes.plot(thin_steps, thin_losses, color="tab:blue", alpha=0.6 if few else 0.3, linewidth=0.8,
+                  marker="o" if few else None, markersize=3, label="loss")
+        window = max(1, int(len(losses) * SMOOTHING_FRACTION)) | 1
+        if window > 1:  # a mean of 1 point is the loss itself
+            axes.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8,
+                      label=f"smoothed (centred mean of {window} points)")
+        axes.legend(fontsize=8, loc="upper right")
+        last = train[-1]
+        axes.set_title(f"training loss (step {last['step']}, {losses[-1]:.3f})")
+    else:
+        axes.set_title("training loss")
+        axes.text(0.5, 0.5, "no training steps yet", ha="center", va="center", transform=axes.transAxes,
+                  color="grey")
+    axes.set_xlabel("step")
+    axes.set_ylabel("contrastive loss")
+    axes.grid(alpha=0.3)
+
+
+def draw_figure(records: list[dict], title: str) -> Figure:
+    """The three panels (training loss, zero-shot, retrieval) of a run's metrics.jsonl records."""
     train = [r for r in records if r.get("kind", "train") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
 
@@ -132,32 +154,23 @@ def _draw_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title
     loss_axes, zero_shot_axes, retrieval_axes = figure.subplots(1, 3, sharex=True)
     loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
-    steps, losses = _series(train, "loss")
-    if steps:
-        thin_steps, thin_losses = _thin(steps, losses)
-        loss_axes.plot(thin_steps, thin_losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-        window = max(1, int(len(losses) * SMOOTHING_FRACTION)) | 1
-        loss_axes.plot(steps, smooth(losses, window), color="tab:blue", linewidth=1.8,
-                       label=f"smoothed (centred mean of {window} points)")
-        loss_axes.legend(fontsize=8, loc="upper right")
-        last = train[-1]
-        loss_axes.set_title(f"training loss (step {last['step']}, {losses[-1]:.3f})")
-    else:
-        loss_axes.set_title("training loss")
-        loss_axes.text(0.5, 0.5, "no training steps yet", ha="center", va="center", transform=loss_axes.transAxes,
-                       color="grey")
-    loss_axes.set_xlabel("step")
-    loss_axes.set_ylabel("contrastive loss")
-    loss_axes.grid(alpha=0.3)
-
+    _loss_panel(loss_axes, train)
     _eval_panel(zero_shot_axes, evals, [("zero_shot_top1", "top-1"), ("zero_shot_top5", "top-5")],
                 [("chance_zero_shot_top1", "chance top-1"), ("chance_zero_shot_top5", "chance top-5")],
                 "zero-shot classification (held out)")
     _eval_panel(retrieval_axes, evals, [("media_to_text_R@1", "media->text R@1"), ("text_to_media_R@1", "text->media R@1"),
                                         ("media_to_text_R@5", "media->text R@5"), ("text_to_media_R@5", "text->media R@5")],
                 [("chance_R@1", "chance R@1"), ("chance_R@5", "chance R@5")], "retrieval (held out)", log_scale=True)
-    figure.suptitle(run_name, fontsize=13, fontweight="bold")
+    if train or evals:  # from the run's start (once every panel is drawn): a short run's steps are not fractions
+        loss_axes.set_xlim(left=0)
+    figure.suptitle(title, fontsize=13, fontweight="bold")
+    return figure
 
+
+def _draw_run(metrics_path: str | os.PathLike, out_png: str | os.PathLike, title: str | None) -> Path:
+    metrics_path, out_png = Path(metrics_path), Path(out_png)
+    run_name = title or (metrics_path if metrics_path.is_dir() else metrics_path.parent).resolve().name
+    figure = draw_figure(read_metrics(metrics_path), run_name)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.stem}-", suffix=".png")
     os.close(fd)

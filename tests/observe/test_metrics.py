@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline.observe.metrics import MetricsLogger, drop_superseded, read_metrics, truncate_after
-from pipeline.observe.plots import _eval_panel, plot_run, smooth
+from pipeline.observe.plots import _eval_panel, draw_figure, plot_run, smooth
 
 
 def _train_record(step: int) -> dict:
@@ -209,3 +209,23 @@ def test_retrieval_chance_is_drawn_above_the_axis_on_a_log_scale():
     assert "chance R@1 0.1%" in [text.get_text() for text in retrieval.get_legend().get_texts()]
     _eval_panel(zero_shot, records, [("media_to_text_R@1", "top-1")], [], "zero-shot")
     assert zero_shot.get_yscale() == "linear" and zero_shot.get_ylim() == (0, 102)
+
+
+def test_a_short_run_shows_each_loss_as_a_point_on_whole_steps_from_zero():
+    from matplotlib.figure import Figure
+
+    from pipeline.observe.plots import _loss_panel
+
+    short, long = Figure().subplots(1, 2)
+    _loss_panel(short, [_train_record(5)])  # one logged loss: a line alone would draw nothing
+    (raw,) = short.get_lines()  # no "smoothed" line: a mean of one point is the loss itself
+    assert raw.get_marker() == "o" and list(raw.get_xdata()) == [5]
+    _loss_panel(long, [_train_record(step) for step in range(1, 301)])
+    raw, smoothed = long.get_lines()
+    assert raw.get_marker() == "None" and "smoothed" in smoothed.get_label()
+
+    # the figure's shared step axis starts at 0, with ticks on whole steps
+    loss_axes, zero_shot_axes, _ = draw_figure([_train_record(5), _eval_record(5)], "short").axes
+    assert loss_axes.get_xlim()[0] == 0 and zero_shot_axes.get_xlim()[0] == 0
+    ticks = [tick for tick in loss_axes.get_xticks() if 0 <= tick <= loss_axes.get_xlim()[1]]
+    assert len(ticks) >= 3 and all(tick == int(tick) for tick in ticks), ticks

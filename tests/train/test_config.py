@@ -189,5 +189,6 @@ def test_an_embedded_set_not_built_yet_names_make_shards(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a fresh clone: configs/demo-clap.yaml reads shards/tones/train, not built yet
     cfg = load_config(RunConfig, next(path for path in CONFIGS if path.name == "demo-clap.yaml"))
     with pytest.raises(ConfigError, match=r"^data.train_urls 'shards/tones/train' cannot be read: no .tar shards "
-                                          r"found at 'shards/tones/train' \(`make shards` writes the embedded data sets"):
+                                          rf"found at 'shards/tones/train' \(a path relative to the current directory, {tmp_path}: `make shards` "
+                                          r"writes the embedded data sets"):
         check_data(cfg)
