@@ -77,7 +77,9 @@ def export(run_dir: str | Path, out_path: str | Path, tag: str | None = None) ->
 
 def _export_command(args: argparse.Namespace) -> int:
     path = export(args.run_dir, args.out, tag=args.tag)
-    print(f"exported {args.run_dir} -> {path}")
+    config = Path(args.run_dir) / "config.yaml"
+    print(f"exported {args.run_dir} -> {path}\n"
+          f"evaluate it: python -m pipeline eval {path} --config {config}")
     return 0
 
 
@@ -117,7 +119,8 @@ def _load_model(source: Path, config_path: str | None, overrides: list[str]):
     config_path = config_path or (str(source.parent / "config.yaml") if (source.parent / "config.yaml").is_file()
                                   else None)
     if config_path is None:
-        raise ConfigError(f"weights file '{source}' needs --config (the YAML config it was trained with)")
+        raise ConfigError(f"weights file '{source}' needs --config (the YAML config it was trained with: its run "
+                          "directory's config.yaml)")
     try:
         torch.load(source, map_location="cpu", weights_only=False, mmap=True)  # mapped, not read: cheap
     except Exception as error:  # whatever torch or pickle raises, these are not weights we can load

@@ -184,6 +184,20 @@ def test_zero3_evaluates_on_held_out_shards(runs):
     assert evals[0]["samples"] == 48
 
 
+def test_export_prints_an_eval_command_that_runs_as_printed(runs, tmp_path, capsys):
+    import shlex
+
+    from pipeline.cli import main
+
+    run_dir = runs("zero3")  # evaluated on its data.val_urls
+    assert main(["export", str(run_dir), str(tmp_path / "open_clip.pt")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == f"evaluate it: python -m pipeline eval {tmp_path / 'open_clip.pt'} --config {run_dir / 'config.yaml'}"
+    argv = shlex.split(printed[-1].removeprefix("evaluate it: python -m pipeline "))
+    assert main([*argv, "--max-batches", "1", "--workers", "0"]) == 0
+    assert "zero-shot top-1" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("stage", ["zero0", "zero3"])
 def test_export_loads_in_open_clip_with_our_embeddings(runs, stage, tmp_path):
     import open_clip
