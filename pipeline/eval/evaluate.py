@@ -171,7 +171,8 @@ def _encode_local(model, loader: Iterable, device, distributed: bool, progress: 
     media_parts, text_parts, label_parts, keys = [], [], [], []
     own_template, template = None, None
     batches = iter(loader)
-    bar = tqdm(desc="eval", unit="batch", disable=not progress, leave=False)
+    # on a terminal only (None: tqdm's test of its stream): in a log file a bar is a line of carriage returns
+    bar = tqdm(desc="eval", unit="batch", disable=None if progress else True, leave=False)
     count = 0
     while True:
         batch = None

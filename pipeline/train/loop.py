@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from pipeline.checkpoint.manager import CheckpointManager
 from pipeline.checkpoint.state import seed_everything
@@ -45,6 +44,7 @@ from pipeline.model.build import build_model, get_tokenizer, image_size, media_t
 from pipeline.observe.flops import model_flops_and_peak
 from pipeline.observe.metrics import MetricsLogger, finite, read_metrics, truncate_after
 from pipeline.observe.plots import plot_run
+from pipeline.observe.progress import StepProgress
 from pipeline.optim import build_optimizer, lr_factor
 from pipeline.parallel import distributed
 from pipeline.parallel.checkpointing import apply_activation_checkpointing
@@ -228,7 +228,7 @@ def train(cfg) -> dict[str, Any]:
     mfu = model_flops_and_peak(cfg.model, dist.device, precision)
     stop_at = min(cfg.train.steps, state.step + cfg.train.stop_after_steps) if cfg.train.stop_after_steps \
         else cfg.train.steps
-    bar = tqdm(total=cfg.train.steps, initial=state.step, disable=not dist.is_main, unit="step", dynamic_ncols=True)
+    bar = StepProgress(cfg.train.steps, state.step, enabled=dist.is_main)  # a bar on a terminal, else lines
     batches, last_eval = _batches_forever(loader), {}
     window, compile_timer, first_step = LogWindow(dist.world_size, precision), CompileTimer(compiled), state.step
     # SIGTERM / SIGUSR1 / SIGINT or the launcher gone: finish the step, save, exit 75 (requeue);
@@ -260,10 +260,10 @@ def train(cfg) -> dict[str, Any]:
         if step % cfg.train.log_every == 0 or step == stop_at:
             record = log_record(window, state, scheduler, mfu, dist.world_size)
             metrics_log.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record.get('samples_per_s', 0):.1f}")
+            bar.log(step, record["loss"], record.get("samples_per_s"))
             if dist.is_main and step % (10 * cfg.train.log_every) == 0:
                 plot_run(run_dir / "metrics.jsonl", plot_path, title=cfg.train.name)
-        bar.update(1)
+        bar.update()
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
             last_eval = run_eval()
         check = stop_signals.poll()  # every rank together: one all-reduce of two ints (gloo, CPU)
