@@ -307,9 +307,6 @@ def train(cfg) -> dict[str, Any]:
 def mixture_epoch_line(loader, epoch: int, sources: list[str], manifest: str) -> str:
     """'epoch 2 of data.mixture mix.yaml: source 0 (urls) 248 samples, ...; 10 left over' for the epoch begun."""
     counts = loader.dataset.source_counts(epoch)
-    if counts is None:
-        return f"epoch {epoch} of data.mixture {manifest}: resumed on another layout (the rest of the epoch is laid " \
-               "over the new streams)"
     parts = ", ".join(f"source {i} ({urls}) {count:,} samples" for i, (urls, count) in enumerate(zip(sources, counts)))
     return f"epoch {epoch} of data.mixture {manifest}: {parts}; {loader.dataset.remainder_of(epoch):,} left over"
 
