@@ -39,13 +39,14 @@ log = logging.getLogger(LOGGER)
 
 # Run settings a resume must keep, as dotted RunConfig keys: they shape the parameters (model), how
 # DeepSpeed partitions and stores the optimizer (ZeRO stage, precision), or the data plan whose
-# position the checkpoint holds (epoch order from seed, sources, shuffle; batches per step). The world size
-# and data.workers may change: the checkpoint is converted (universal checkpoint) and the loader lays the
-# rest of the epoch over the new streams (pipeline.data.dataset, elastic resume). Everything else (learning rate,
-# steps, logging, evaluation, storage settings) may change on resume.
+# position the checkpoint holds (epoch order from seed, sources, shuffle; the global batch). The world size,
+# data.workers and train.accum_steps may change within the layouts that fit the saved canonical streams
+# (check_data_plan): ZeRO 1-3 state goes through the universal checkpoint, and the new layout serves the same
+# canonical streams from their saved positions, so the global batches are the same. Everything else (learning
+# rate, steps, logging, evaluation, storage settings) may change on resume.
 RESUME_KEYS = (
     "model.name", "model.modality", "model.probabilistic", "model.logit_bias", "model.audio",
-    "train.zero_stage", "train.precision", "train.global_batch_size", "train.accum_steps", "train.seed",
+    "train.zero_stage", "train.precision", "train.global_batch_size", "train.seed",
     "data.train_urls", "data.mixture", "data.weights", "data.modality", "data.shuffle_buffer", "data.resampled",
     "data.epoch_samples",
 )

@@ -170,6 +170,33 @@ def test_kill_and_resume_reproduce_every_step(runs):
     assert tags[-1] == "step_00000006" and len(tags) <= 3
 
 
+def test_a_resume_may_change_the_accumulation_and_the_world_size(runs, shards, tmp_path):
+    # the 2-rank run's step-3 checkpoint continued in one process with 2 micro-batches a step (GradCache):
+    # the same global batches (the canonical streams' positions), the same losses
+    import shutil
+
+    from tests.distributed_helpers import run_command
+
+    reference = runs("zero0")
+    shutil.copytree(reference, tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(checkpoints / "step_00000006")
+    (checkpoints / "latest").write_text("step_00000003")
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    result = run_command(["train", "--config", str(REPO / "configs/demo-clip.yaml"),
+                          *_overrides(shards, tmp_path, "run"), "train.resume=auto",
+                          "train.accum_steps=2"], env={**environment, "DS_ACCELERATOR": "cpu"}, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resumed from" in result.stdout
+    losses, expected = _losses(tmp_path / "run"), _losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(4, STEPS + 1):  # gradients summed over 1 rank x 2 micro-batches, not 2 ranks: ~1e-7
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+    # every rank's keys of steps 4-6 were read, by the one rank
+    assert sorted(k for step, keys in _keys(tmp_path / "run", 0) if step > 3 for k in keys) == \
+        sorted(k for rank in (0, 1) for step, keys in _keys(reference, rank) if step > 3 for k in keys)
+
+
 def test_zero3_with_gradient_checkpointing_agrees_with_zero0(runs):
     reference, losses = _losses(runs("zero0")), _losses(runs("zero3"))
     for step in (1, 2, 3):
