@@ -13,10 +13,11 @@ the last held-out figures beside chance, where the run is, and what the data lac
 
 --dry-run checks the config without training and writes nothing: it validates the config, reads the
 data index (shard sizes), builds the model on the meta device (no memory, no weights read) and prints
-the plan: world size, micro-batch, accumulation, steps per epoch, samples per source, and the
-memory per rank that weights, gradients and optimizer states take (activations come on top). Shards
-this machine cannot read (a path on the cluster, no credentials) leave out the epoch plan: the rest is
-printed, then the data's error, and the exit status is 2.
+the plan: world size, micro-batch, accumulation, canonical streams and the shuffle buffers each loader
+worker holds, steps per epoch, samples per source, and the memory per rank that weights, gradients and
+optimizer states take (activations come on top). Shards this machine cannot read (a path on the
+cluster, no credentials) leave out the epoch plan: the rest is printed, then the data's error, and the
+exit status is 2.
 """
 # The docstring is the command's --help. The loop is pipeline.train.loop; this module only declares the
 # command, so that `--help` imports neither torch nor DeepSpeed (they load when the command runs).
@@ -97,9 +98,12 @@ def _data_lines(cfg, loader, world_size: int) -> list[str]:
         per_epoch = f"; {dataset.mixture_counts[index]:,} per epoch" if dataset.mixture_counts else ""
         lines.append(f"source {index}: {shards:,} shard{'s' if shards > 1 else ''}, {samples:,} samples{per_epoch}"
                      f" ({source[0][0] if shards == 1 else source[0][0] + ' ...'})")
+    streams = dataset.canonical // (world_size * dataset.workers)
+    buffers = (f"; each holds {streams} shuffle buffer{'s' if streams > 1 else ''} of {cfg.data.shuffle_buffer:,} "
+               f"samples ({streams * cfg.data.shuffle_buffer:,} samples' raw bytes)") if cfg.data.shuffle_buffer > 1 else ""
     lines.append(f"data: {dataset.canonical} canonical streams of {global_batch // dataset.canonical} samples per "
-                 f"global batch; each of the {world_size * dataset.workers} (rank, worker) pairs serves "
-                 f"{dataset.canonical // (world_size * dataset.workers)}")
+                 f"global batch; each of the {world_size * dataset.workers} (rank, worker) pairs serves {streams}"
+                 + buffers)
     lines.append(f"epoch: {steps_per_epoch:,} steps of {global_batch:,} samples ({steps_per_epoch * global_batch:,}"
                  f" samples; {dataset.remainder_of(0):,} left over, a different stretch each epoch)")
     lines.append(f"run: {cfg.train.steps:,} steps = {cfg.train.steps / max(steps_per_epoch, 1):.2f} epochs, "

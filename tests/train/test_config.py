@@ -153,6 +153,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(shapes, tmp_path, capsys):
     assert any(line.startswith("source 0: 2 shards, 64 samples") for line in lines)
     # 64 samples over 2 streams of whole micro-batches of 4: 8 per rank, 2 micro-batches a step
     assert "epoch: 4 steps of 16 samples (64 samples; 0 left over, a different stretch each epoch)" in lines
+    assert ("data: 2 canonical streams of 8 samples per global batch; each of the 2 (rank, worker) pairs serves 1; "
+            "each holds 1 shuffle buffer of 500 samples (500 samples' raw bytes)") in lines
     parameters = sum(p.numel() for p in build_model(ModelConfig(name="demo-clip", modality="image")).parameters())
     assert f"model demo-clip (image): {_millions(parameters)} parameters, {_millions(parameters)} trainable" in lines
     memory = next(line for line in lines if line.startswith("memory per rank (ZeRO-0, adamw): "))
