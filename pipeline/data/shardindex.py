@@ -109,7 +109,7 @@ def _parallel(read: Callable[[_Item], Any], items: list[_Item], threads: int, de
     """[read(item) for item in items] on up to `threads` threads, in item order, with a progress bar when
     `description` is given. The first failure stops the rest: a SizesError (it names its file) as it is,
     anything else as a ShardIndexError naming the item."""
-    from tqdm import tqdm
+    from pipeline.core.progress import progress_bar
 
     def named(item):
         try:
@@ -119,8 +119,8 @@ def _parallel(read: Callable[[_Item], Any], items: list[_Item], threads: int, de
         except Exception as error:
             raise ShardIndexError(f"{item}: {storage.describe(error)}") from error
 
-    bar = tqdm(total=len(items), desc=description, unit="shard", disable=description is None or not items,
-               mininterval=1.0)
+    bar = progress_bar(total=len(items), desc=description, unit="shard", disable=description is None or not items,
+                       mininterval=1.0)
     try:
         if threads <= 1 or len(items) <= 1:
             results = []

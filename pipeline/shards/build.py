@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import posixpath
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -33,9 +32,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.core import storage
+from pipeline.core.progress import progress_bar
 from pipeline.data import shardformat
 from pipeline.shards import synthetic
 from pipeline.shards.config import BuildConfig, ShardBuildError
@@ -264,7 +262,7 @@ def _build_into(output: _Output, cfg: BuildConfig, progress: bool, started: floa
     staging = output.staging_dir()
     shard_sizes: dict[str, int] = {}
     failed: Counter[str] = Counter()
-    bar = tqdm(total=total, desc=f"building {prefix}", unit="sample", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=total, desc=f"building {prefix}", unit="sample", disable=not progress)
     pool = None
     try:
         if cfg.workers == 1 or chunks <= 1:

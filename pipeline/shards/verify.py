@@ -6,14 +6,12 @@ per-shard counts equal to sizes.json or, without one, each shard's *_stats.json 
 from __future__ import annotations
 
 import posixpath
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.core import storage
+from pipeline.core.progress import progress_bar
 from pipeline.data import shardformat
 
 # (shard url, expected count or None, where the expectation comes from)
@@ -89,8 +87,7 @@ def verify(urls: list[str], storage_options: dict[str, Any] | None = None, progr
     storage_options = storage_options or {}
     report = VerifyReport()
     targets = _targets(urls, report, storage_options)
-    for url, expected, listed_in in tqdm(targets, desc="verifying", unit="shard", disable=not progress,
-                                         file=sys.stderr):
+    for url, expected, listed_in in progress_bar(targets, desc="verifying", unit="shard", disable=not progress):
         _check_shard(url, expected, listed_in, report, storage_options)
     return report
 
