@@ -156,6 +156,10 @@ def _eval_command(args: argparse.Namespace) -> int:
                        max_batches=args.max_batches, progress=True)
     print(f"{args.source} on {data_url}" + (f" ({len(classes['classes'])} classes)" if classes else ""))
     print(format_table(metrics))
+    if classes is None:
+        print("zero-shot: not run, " + ("--no-zero-shot" if args.no_zero_shot else
+                                         "the held-out set has no classes.json (class names and prompt templates, "
+                                         "as `shards build` writes for the embedded labelled sets)"))
     if args.json:
         report = {"source": str(args.source), "data": data_url, "metrics": metrics}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -422,3 +422,25 @@ def test_read_classes_from_s3(s3_endpoint):
     fs.pipe("eval-bucket/shapes/val/classes.json", json.dumps(CLASSES).encode())
     assert read_classes("s3://eval-bucket/shapes/val/shapes-val-{000000..000001}.tar", options) == CLASSES
     assert read_classes("s3://eval-bucket/shapes/val/", options) == CLASSES
+
+
+def test_eval_command_says_why_zero_shot_did_not_run(shapes_val, tiny_clip_weights, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  name: tiny-clip\ndata:\n  workers: 0\neval:\n  batch_size: 16\n")
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(shapes_val, unlabelled)
+    (unlabelled / "classes.json").unlink()
+    weights = str(tiny_clip_weights / "open_clip.pt")
+    assert main(["eval", weights, "--config", str(config), "--data", str(unlabelled), "--max-batches", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot: not run, the held-out set has no classes.json" in printed and "zero-shot top-1" not in printed
+    assert main(["eval", weights, "--config", str(config), "--data", str(shapes_val), "--max-batches", "1",
+                 "--no-zero-shot"]) == 0
+    assert "zero-shot: not run, --no-zero-shot" in capsys.readouterr().out
+    assert main(["eval", weights, "--config", str(config), "--data", str(shapes_val), "--max-batches", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot top-1" in printed and "zero-shot: not run" not in printed
