@@ -15,11 +15,12 @@ the training loader's, then the evaluation loader's) `rank0/worker0`; another pr
 compiler DeepSpeed runs to probe an op) by its name, `rank0/gcc.0`; processes without a RANK `launcher0`,
 `launcher1`, ... A process is known by its pid and start time; a launcher's child is labelled once it has
 exec'd (until then it holds the launcher's environment). The table shows the step and each process's RSS
-(MiB) and open files at evenly spaced samples (the processes alive in them). The summary covers the samples from `--warmup-fraction` of the
-steps (by when the shuffle buffers are full, the first evaluation and save have run and every worker has
-started) up to the last step (the final evaluation and save left out): per process the RSS and open files
-first, last and at most, and the growth from the first to the last quarter of those samples (medians, so
-that the tens of MiB a step allocates and frees again, caught at random phases, do not count).
+(MiB) and open files at evenly spaced samples (the processes alive in them). The summary covers the
+samples from `--warmup-fraction` of the steps (by when the shuffle buffers are full, the first evaluation
+and save have run and every worker has started) up to the last step (the final evaluation and save left
+out): per process the RSS and open files first, last and at most, and the growth from the first to the
+last quarter of those samples (medians, so that the tens of MiB a step allocates and frees again, caught at
+random phases, do not count).
 Every sample goes into the `--json` file. Linux only (/proc). A figure, not a timed assertion:
 tests/multiprocess/test_bench_soak.py runs it for a few steps.
 """

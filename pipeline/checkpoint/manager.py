@@ -241,8 +241,9 @@ class CheckpointManager:
         are those of every rank (the position counts the samples each canonical stream has emitted, and W'
         ranks serve the same streams). Random state is per rank, so its continuity is exact only at equal
         world size: ranks r < W continue their own generators, ranks r >= W (which have none) draw from
-        generators seeded from (train.seed, step, r), so that no two ranks share a dropout stream. At ZeRO 1-3 the engine must have been built with `load_universal`
-        (`loads_universal` after `plan_start`): the checkpoint is converted once (elastic.py)."""
+        generators seeded from (train.seed, step, r), so that no two ranks share a dropout stream. At ZeRO 1-3
+        the engine must have been built with `load_universal` (`loads_universal` after `plan_start`): the
+        checkpoint is converted once (elastic.py)."""
         source, tag = self.planner.locate(tag_or_path)
         saved_world = world_size_of(self.read_trainer_state(tag_or_path))
         stage = engine.zero_optimization_stage()

@@ -83,7 +83,7 @@ def plan(cfg, world_size: int | None = None) -> tuple[str, Exception | None]:
     else:
         data_error = None
         lines.extend(_data_lines(cfg, loader, world_size))
-    _model_lines(cfg, world_size, lines)
+    lines.extend(_model_lines(cfg, world_size))
     return "\n".join(lines), data_error
 
 
@@ -114,7 +114,7 @@ def _data_lines(cfg, loader, world_size: int) -> list[str]:
     return lines
 
 
-def _model_lines(cfg, world_size: int, lines: list[str]) -> None:
+def _model_lines(cfg, world_size: int) -> list[str]:
     """Parameters and memory per rank of the model (built on the meta device), and the run directory."""
     import dataclasses
 
@@ -125,6 +125,7 @@ def _model_lines(cfg, world_size: int, lines: list[str]) -> None:
     from pipeline.parallel.checkpointing import apply_activation_checkpointing
     from pipeline.train.loop import run_dir_of
 
+    lines = []
     # the model on the meta device: shapes and counts without memory or weights (model.pretrained is not read)
     with torch.device("meta"):
         model = build_model(dataclasses.replace(cfg.model, pretrained=""))
@@ -151,6 +152,7 @@ def _model_lines(cfg, world_size: int, lines: list[str]) -> None:
     elif latest and cfg.train.resume == "auto":
         where += f": resumes from checkpoint {latest}"
     lines.append(where)
+    return lines
 
 
 def register_cli(subparsers) -> None:

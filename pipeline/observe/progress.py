@@ -33,13 +33,12 @@ class StepProgress:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.interactive = enabled and self.stream.isatty()
-        self.total, self.step, self.first = total, initial, initial
+        self.total, self.first = total, initial
         self.started = time.monotonic()
         self.bar = tqdm(total=total, initial=initial, disable=not self.interactive, unit="step", dynamic_ncols=True,
                         file=self.stream)
 
     def update(self) -> None:
-        self.step += 1
         self.bar.update(1)
 
     def log(self, step: int, loss: float, samples_per_s: float | None) -> None:
